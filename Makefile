@@ -1,0 +1,41 @@
+# Every target creates/reuses .venv and installs what it needs (see docs/architecture.md, "Install").
+PY ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+# The CPU build on this machine's disk; pick another build (e.g. CUDA) by overriding TORCH.
+TORCH ?= torch==2.13.0
+PIP := $(PYTHON) -m pip install -q -c .ci/constraints.txt
+
+.PHONY: install install-test nltk-data demo test test-unit bench clean
+
+$(VENV)/.base: pyproject.toml .ci/constraints.txt
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q $(TORCH)   # first, so the range in pyproject.toml installs nothing more
+	$(PIP) -e .
+	bash scripts/install_wordnet.sh $(PYTHON)
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PIP) -e '.[test]'
+	touch $@
+
+install: $(VENV)/.base
+install-test: $(VENV)/.test
+
+nltk-data:
+	bash scripts/install_wordnet.sh $(PYTHON)
+
+demo: install
+	$(PYTHON) jobs/prepare.py overwrite=true
+
+test: install-test
+	$(PYTHON) -m pytest
+
+test-unit: install-test
+	$(PYTHON) -m pytest tests/unit
+
+bench: install-test
+	@for script in benchmarks/*.py; do echo "== $$script"; $(PYTHON) $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache

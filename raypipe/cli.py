@@ -1,0 +1,45 @@
+"""What every job script shares: ``--config FILE`` plus ``section.field=value`` overrides, and
+errors that end the run with one clear message instead of a stack trace."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+from pydantic import BaseModel
+
+from raypipe.config import ConfigError, load_config
+
+C = TypeVar("C", bound=BaseModel)
+
+# Errors whose message already says what is wrong and what to do.
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
+
+
+def register_user_error(*kinds: type[Exception]) -> None:
+    global USER_ERRORS
+    USER_ERRORS = (*USER_ERRORS, *kinds)
+
+
+def parse_job_config(model: type[C], argv: list[str] | None, description: str) -> C:
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog="Overrides are section.field=value, e.g. data.input=s3://bucket/shards ray.num_cpus=4. "
+        "See docs/configuration.md for every field.",
+    )
+    parser.add_argument("--config", help="YAML file with the job's configuration (jobs/configs/*.yaml).")
+    parser.add_argument("overrides", nargs="*", help="section.field=value pairs applied after the YAML file.")
+    args = parser.parse_args(argv)
+    return load_config(model, args.config, args.overrides)
+
+
+def run_job(main: Callable[[], object]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        main()
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,257 @@
+"""Job configuration: pydantic models loaded from YAML plus ``section.field=value`` overrides.
+
+Every field has a description (docs/configuration.md is generated from them). Unknown keys and bad
+values are rejected before Ray starts, with the field's dotted name and what is allowed.
+Credentials are never part of a config: they come from the environment or the instance profile.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from raypipe.transforms.image import ImageOptions
+from raypipe.transforms.text import TextOptions
+
+DEFAULT_SAMPLE_DIR = "~/.cache/raypipe/sample-v1"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message says which field and what to do."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+class StorageConfig(Section):
+    endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint, e.g. http://127.0.0.1:9000 for MinIO/moto. "
+        "Default: the AWS_ENDPOINT_URL environment variable, else AWS itself.",
+    )
+    region: str | None = Field(None, description="S3 region. Default: AWS_DEFAULT_REGION / AWS_REGION, else us-east-1.")
+    anonymous: bool = Field(False, description="Read public buckets without credentials (no request signing).")
+    connect_timeout_s: float = Field(5.0, gt=0, description="Seconds to wait for a connection to the object store.")
+    request_timeout_s: float = Field(60.0, gt=0, description="Seconds to wait for one object-store request.")
+    retries: int = Field(5, ge=0, le=20, description="Retries of a failed object-store request (with backoff).")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_credentials_in_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must look like http(s)://host[:port], got {url!r}")
+        if parts.username or parts.password:
+            # Keeping secrets out of configs keeps them out of logs, stats and bundles.
+            raise ValueError("must not contain credentials; use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+        return url
+
+
+class DataConfig(Section):
+    input: list[str] = Field(
+        default_factory=lambda: [f"{DEFAULT_SAMPLE_DIR}/webdataset"],
+        description="Shards to read: local paths, s3://, gs:// or any fsspec URL; each a file, a directory "
+        "(read recursively) or a glob. Default: the built-in sample (generated on first use).",
+    )
+    format: Literal["auto", "webdataset", "img2dataset_parquet", "parquet"] = Field(
+        "auto",
+        description="webdataset: img2dataset .tar shards (failed downloads are read from the .parquet beside "
+        "each tar); img2dataset_parquet: img2dataset parquet shards; parquet: any table of pairs (set the "
+        "column names below); auto: by file extension (.tar -> webdataset, .parquet -> img2dataset_parquet).",
+    )
+    key_column: str = Field("key", description="Column with a unique, stable row id (parquet inputs).")
+    image_column: str = Field("jpg", description="Column with encoded image bytes (parquet inputs).")
+    text_column: str = Field("caption", description="Column with the text paired with the image (parquet inputs).")
+    keep_columns: list[str] = Field(
+        default_factory=list, description="Extra input columns copied unchanged to the output (e.g. id, url)."
+    )
+    limit: int | None = Field(None, gt=0, description="Read at most this many rows (for quick trials).")
+
+    _split_input = field_validator("input", "keep_columns", mode="before")(_as_list)
+
+    @field_validator("input")
+    @classmethod
+    def _not_empty(cls, urls: list[str]) -> list[str]:
+        if not urls or any(not u.strip() for u in urls):
+            raise ValueError("needs at least one non-empty path or URL")
+        return urls
+
+
+class LabelConfig(Section):
+    source: Literal["column", "coyo_labeled", "none"] = Field(
+        "column",
+        description="column: class names (or ints) in `column`; coyo_labeled: COYO-Labeled-300M `labels` "
+        "(ImageNet-21k ids) + `label_probs`, top-1 among `classes` above `min_prob`; none: unlabeled data.",
+    )
+    column: str = Field("label", description="Label column (source=column).")
+    sidecar: str | None = Field(
+        None,
+        description="Parquet file(s) (URL, directory or glob) holding the labels, joined on `join_on`. "
+        "Use for COYO-Labeled-300M label files or any labels kept apart from the shards.",
+    )
+    join_on: str = Field("key", description="Column present in both the shards and the sidecar, e.g. key or id.")
+    classes: list[str] | None = Field(
+        None,
+        description="The class list, in order (ids are positions). Default for source=column: every distinct "
+        "label in the data, sorted. Required for coyo_labeled (ImageNet-21k ids as strings).",
+    )
+    min_prob: float = Field(0.5, ge=0.0, le=1.0, description="coyo_labeled: minimum probability of the top-1 class.")
+
+    @model_validator(mode="after")
+    def _coyo_needs_classes(self) -> LabelConfig:
+        if self.source == "coyo_labeled" and not self.classes:
+            raise ValueError("labels.classes is required when labels.source=coyo_labeled (ImageNet-21k ids)")
+        return self
+
+
+class ImageConfig(Section):
+    size: int = Field(64, ge=8, le=1024, description="Images are resized to size x size RGB (the paper: 64).")
+    resize_mode: Literal["stretch", "center_crop", "pad"] = Field(
+        "stretch", description="stretch: plain resize (the paper); center_crop: fill then crop; pad: fit, pad white."
+    )
+    max_pixels: int = Field(
+        40_000_000, gt=0, description="Refuse images declaring more pixels than this (decompression-bomb guard)."
+    )
+    min_side: int = Field(1, ge=1, description="Refuse images whose shorter side is smaller than this.")
+
+    def options(self) -> ImageOptions:
+        return ImageOptions(**self.model_dump())
+
+
+class TextConfig(Section):
+    max_len: int = Field(32, ge=1, le=4096, description="Tokens kept per text; shorter texts are padded with 0.")
+    lemmatize: bool = Field(True, description="WordNet lemmatization, verb then noun (swam -> swim, mice -> mouse).")
+    stem: bool = Field(False, description="Porter stemming after lemmatization (the paper stems and lemmatizes).")
+    remove_stopwords: bool = Field(False, description="Drop English stop words (the project's own list).")
+    min_token_length: int = Field(1, ge=1, description="Drop tokens shorter than this many characters.")
+
+    def options(self) -> TextOptions:
+        return TextOptions(**self.model_dump())
+
+
+class VocabConfig(Section):
+    min_freq: int = Field(2, ge=1, description="Keep tokens seen at least this often in the training split.")
+    max_size: int = Field(20_000, ge=3, description="At most this many ids, including padding (0) and unknown (1).")
+
+
+class SplitConfig(Section):
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Share of rows in validation (the paper: 0.2).")
+    salt: str = Field("raypipe", description="Mixed into the key hash; change it to draw a different split.")
+
+
+class RayConfig(Section):
+    address: str | None = Field(
+        None, description="Ray cluster to join ('auto', ray://host:10001). Default: RAY_ADDRESS, else a local cluster."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="Logical CPUs of a local cluster. Default: all cores.")
+    batch_size: int = Field(256, ge=1, description="Rows per preprocessing batch (map_batches).")
+    progress_bars: bool = Field(True, description="Show Ray Data progress bars.")
+
+
+class PrepareConfig(Section):
+    """jobs/prepare.py: read shards -> preprocess -> prepared Parquet + vocab/classes/stats."""
+
+    data: DataConfig = Field(default_factory=DataConfig, description="What to read.")
+    labels: LabelConfig = Field(default_factory=LabelConfig, description="Where class labels come from.")
+    image: ImageConfig = Field(default_factory=ImageConfig, description="Image preprocessing.")
+    text: TextConfig = Field(default_factory=TextConfig, description="Text preprocessing.")
+    vocab: VocabConfig = Field(default_factory=VocabConfig, description="Vocabulary built from the training split.")
+    split: SplitConfig = Field(default_factory=SplitConfig, description="Deterministic train/validation split.")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Object-store settings.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster and execution settings.")
+    output: str = Field(
+        "~/.cache/raypipe/prepared", description="Where prepared shards, vocab.json, classes.json, stats.json go."
+    )
+    overwrite: bool = Field(False, description="Replace an existing output instead of refusing to touch it.")
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value); the value is read as YAML (3, true, [x, y], s3://...)."""
+    name, sep, raw = item.partition("=")
+    if not sep or not name.strip():
+        raise ConfigError(f"override {item!r} must look like section.field=value, e.g. data.input=s3://bucket/shards")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    # YAML reads "s3://b/x" fine but "a:b" style scalars can become dicts; keep such values as text.
+    if isinstance(value, dict):
+        value = raw
+    return name.strip().split("."), value
+
+
+def _set_dotted(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {'.'.join(path)}: {part} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names allowed at the section that holds ``loc`` (for 'did you mean')."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _describe(model: type[BaseModel], err: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for e in err.errors():
+        dotted = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_fields(model, e["loc"])
+            hint = difflib.get_close_matches(str(e["loc"][-1]), allowed, n=1)
+            lines.append(
+                f"  {dotted}: unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                + f"; allowed here: {', '.join(allowed)}"
+            )
+        else:
+            lines.append(f"  {dotted}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(model: type[C], yaml_path: str | Path | None = None, overrides: list[str] = ()) -> C:
+    """YAML file (optional) + overrides -> validated config, or ConfigError naming every bad field."""
+    tree: dict = {}
+    origin = "defaults"
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read config file {path}: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
+        tree, origin = loaded, str(path)
+    for item in overrides:
+        _set_dotted(tree, *parse_override(item))
+    if overrides:
+        origin += " + command-line overrides"
+    try:
+        return model.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_describe(model, e, origin)) from None
+
+
+def dump_config(config: BaseModel) -> dict:
+    """The resolved config as plain data, for provenance files (holds no credentials by construction)."""
+    return config.model_dump(mode="json")

@@ -1,0 +1,185 @@
+"""Input shards -> a Ray Dataset of normalized pair rows.
+
+``plan_inputs`` runs on the driver before any cluster work: it lists the files, picks the format and
+checks every Parquet footer, so a missing column or a wrong type names the file at once.
+``read_pairs`` then builds the lazy Ray Data pipeline.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from raypipe.config import DataConfig, StorageConfig
+from raypipe.io import fs as rfs
+from raypipe.io.normalize import IMG2DATASET_OK, InputColumns, normalize_table, normalize_webdataset
+
+IMG2DATASET_COLUMNS = InputColumns(key="key", image="jpg", text="caption")
+
+
+class InputError(ValueError):
+    """Input files that cannot be read as configured; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    format: str  # "webdataset" | "img2dataset_parquet" | "parquet"
+    filesystem: pafs.FileSystem
+    files: tuple[str, ...]
+    columns: InputColumns
+    # webdataset: img2dataset's per-shard .parquet, which also lists the failed downloads.
+    metadata_files: tuple[str, ...] = ()
+
+
+def _is_binary(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _read_schemas(filesystem: pafs.FileSystem, files: list[str]) -> list[pa.Schema]:
+    def read(path: str) -> pa.Schema:
+        try:
+            return pq.read_schema(path, filesystem=filesystem)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise InputError(f"{path}: not a readable Parquet file ({e})") from None
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(read, files))
+
+
+def _check_table_schema(path: str, table_schema: pa.Schema, columns: InputColumns, config_hint: bool) -> None:
+    names = set(table_schema.names)
+    required = {
+        columns.key: ("data.key_column", None),
+        columns.image: ("data.image_column", _is_binary),
+        columns.text: ("data.text_column", _is_text),
+    }
+    for extra in columns.extra:
+        required.setdefault(extra, ("data.keep_columns / labels", None))
+    for column, (setting, type_ok) in required.items():
+        if column not in names:
+            fix = f" Set {setting} to the right column name." if config_hint else ""
+            raise InputError(
+                f"{path}: column {column!r} is missing; the file has {sorted(names)}.{fix}"
+            )
+        if type_ok is not None and not type_ok(table_schema.field(column).type):
+            wanted = "binary (encoded image bytes)" if type_ok is _is_binary else "string"
+            raise InputError(f"{path}: column {column!r} has type {table_schema.field(column).type}, expected {wanted}")
+
+
+def plan_inputs(data: DataConfig, storage: StorageConfig, extra_columns: tuple[str, ...]) -> InputPlan:
+    """List and check the inputs. ``extra_columns`` are needed beside key/image/text (labels, passthrough)."""
+    extensions = {"webdataset": (".tar",), "auto": (".tar", ".parquet")}.get(data.format, (".parquet",))
+    filesystem, files = rfs.list_inputs(data.input, storage, extensions)
+    fmt = data.format
+    if fmt == "auto":
+        tars = [f for f in files if f.endswith(".tar")]
+        fmt, files = ("webdataset", tars) if tars else ("img2dataset_parquet", files)
+
+    if fmt == "webdataset":
+        stems = [f[: -len(".tar")] for f in files]
+        infos = filesystem.get_file_info([s + ".parquet" for s in stems])
+        metadata = tuple(i.path for i in infos if i.type == pafs.FileType.File)
+        return InputPlan(fmt, filesystem, tuple(files), InputColumns(extra=extra_columns), metadata)
+
+    if fmt == "img2dataset_parquet":
+        columns = InputColumns(IMG2DATASET_COLUMNS.key, IMG2DATASET_COLUMNS.image, IMG2DATASET_COLUMNS.text, extra_columns)
+    else:
+        columns = InputColumns(data.key_column, data.image_column, data.text_column, extra_columns)
+    for path, file_schema in zip(files, _read_schemas(filesystem, files)):
+        if data.format == "auto" and not {"key", "caption", "status"} <= set(file_schema.names):
+            raise InputError(
+                f"{path}: not an img2dataset Parquet shard (no key/caption/status columns). "
+                "Set data.format=parquet and data.key_column / image_column / text_column."
+            )
+        _check_table_schema(path, file_schema, columns, config_hint=fmt == "parquet")
+    return InputPlan(fmt, filesystem, tuple(files), columns)
+
+
+def read_pairs(plan: InputPlan, limit: int | None = None):
+    """The normalized pair rows of every input, as a lazy Ray Dataset."""
+    import ray.data
+
+    if plan.format == "webdataset":
+        ds = ray.data.read_webdataset(
+            list(plan.files), filesystem=plan.filesystem, decoder=None, override_num_blocks=len(plan.files)
+        ).map_batches(normalize_webdataset, fn_args=(plan.columns,), batch_format="numpy")
+        if plan.metadata_files:
+            ds = ds.union(_failed_downloads(plan))
+    else:
+        wanted = [plan.columns.key, plan.columns.image, plan.columns.text, *plan.columns.extra]
+        if plan.format == "img2dataset_parquet":
+            wanted += ["status", "error_message"]
+        ds = ray.data.read_parquet(
+            list(plan.files),
+            filesystem=plan.filesystem,
+            columns=list(dict.fromkeys(wanted)),
+            include_paths=True,
+            override_num_blocks=len(plan.files),
+        ).map_batches(normalize_table, fn_args=(plan.columns,), batch_format="numpy")
+    return ds.limit(limit) if limit else ds
+
+
+def _failed_downloads(plan: InputPlan):
+    """Rows img2dataset listed in a shard's metadata but could not download (absent from the tar)."""
+    import ray.data
+
+    file_schema = pq.read_schema(plan.metadata_files[0], filesystem=plan.filesystem)
+    extra = tuple(c for c in plan.columns.extra if c in file_schema.names)
+    columns = InputColumns(IMG2DATASET_COLUMNS.key, IMG2DATASET_COLUMNS.image, IMG2DATASET_COLUMNS.text, extra)
+    wanted = ["key", "caption", "status", "error_message", *extra]
+    return (
+        ray.data.read_parquet(
+            list(plan.metadata_files),
+            filesystem=plan.filesystem,
+            columns=wanted,
+            include_paths=True,
+        )
+        .map_batches(_failed_rows_of_tar, batch_format="numpy")
+        .map_batches(normalize_table, fn_args=(columns,), batch_format="numpy")
+    )
+
+
+def _failed_rows_of_tar(batch: dict) -> dict:
+    """Keeps the failed rows (the others are in the tar) and names the tar as their source."""
+    failed = batch["status"] != IMG2DATASET_OK
+    batch = {name: column[failed] for name, column in batch.items()}
+    batch["path"] = np.array([posixpath.splitext(p)[0] + ".tar" for p in batch["path"]], dtype=object)
+    return batch
+
+
+def read_sidecar(url: str, storage: StorageConfig, join_on: str, columns: tuple[str, ...]) -> pa.Table:
+    """The label sidecar as one Arrow table (``join_on`` + label columns), checked and de-duplicated."""
+    filesystem, files = rfs.list_inputs([url], storage, (".parquet",))
+    for path, file_schema in zip(files, _read_schemas(filesystem, files)):
+        missing = [c for c in (join_on, *columns) if c not in file_schema.names]
+        if missing:
+            raise InputError(f"{path}: label sidecar lacks column(s) {missing}; it has {file_schema.names}")
+    table = pq.ParquetDataset(files, filesystem=filesystem).read(columns=[join_on, *columns])
+    keys = pc.cast(table[join_on], pa.string())
+    if pc.count_distinct(keys).as_py() != len(keys):
+        raise InputError(f"{url}: label sidecar has duplicate values in {join_on!r}; each row needs one label")
+    return table.set_column(table.schema.get_field_index(join_on), join_on, keys)
+
+
+def attach_sidecar(batch: dict, sidecar: pa.Table, join_on: str) -> dict:
+    """Left join of the sidecar's columns onto the batch by ``join_on`` (null where no match)."""
+    keys = pa.array([None if k is None else str(k) for k in batch[join_on]], type=pa.string())
+    index = pc.index_in(keys, value_set=sidecar[join_on])
+    for name in sidecar.column_names:
+        if name != join_on:
+            batch[name] = sidecar[name].take(index).to_numpy(zero_copy_only=False)
+    return batch
+
+
+

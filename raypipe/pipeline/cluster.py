@@ -1,0 +1,27 @@
+"""Joining or starting the Ray cluster: the one place raypipe calls ``ray.init``."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from raypipe.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cfg: RayConfig) -> None:
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        address = cfg.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            # A local cluster: no dashboard (one process less on small machines).
+            ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
+        resources = ray.cluster_resources()
+        log.info("Ray cluster: %s CPUs, %s GPUs", resources.get("CPU", 0), resources.get("GPU", 0))
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress_bars and os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") != "1"

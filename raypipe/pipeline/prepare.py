@@ -1,0 +1,196 @@
+"""`prepare`: read shards -> preprocess in parallel Ray Data tasks -> prepared Parquet + metadata.
+
+Output layout (at ``config.output``, any URL)::
+
+    prepared/*.parquet   every input row: key, image uint8[S,S,3], tokens int32[L], length, label,
+                         label_id, split, source, status, error_message, passthrough columns
+    vocab.json           the vocabulary counted on the training split (id 0 pad, 1 unknown)
+    classes.json         the class list; a label id is a position in it
+    stats.json           rows in / ok / per error kind, in total and per input shard
+    prepare_config.json  the resolved configuration (holds no credentials)
+
+Two passes: the first reads only what the vocabulary and class list need (text and labels; Parquet
+inputs skip the image column), the second does the full preprocessing with the frozen vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from raypipe import schema
+from raypipe.config import DEFAULT_SAMPLE_DIR, DataConfig, PrepareConfig, dump_config
+from raypipe.io import fs as rfs
+from raypipe.io.readers import attach_sidecar, plan_inputs, read_pairs, read_sidecar
+from raypipe.pipeline.cluster import init_ray
+from raypipe.schema import Status
+from raypipe.transforms.labels import COYO_LABELS, COYO_PROBS, LabelRule
+from raypipe.transforms.pairs import LABEL_KIND, TOKEN, PairPreparer, SplitRule, count_batch
+from raypipe.transforms.text import TextNormalizer, ensure_wordnet
+from raypipe.transforms.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
+
+PREPARED_DIR = "prepared"
+VOCAB_FILE, CLASSES_FILE, STATS_FILE, CONFIG_FILE = "vocab.json", "classes.json", "stats.json", "prepare_config.json"
+EXAMPLES_PER_STATUS = 5
+
+
+class PrepareError(RuntimeError):
+    """A prepare run that cannot start or finish; the message says what to do."""
+
+
+def ensure_default_sample(data: DataConfig) -> None:
+    """Jobs run with no arguments read the built-in sample: write it on first use."""
+    if data.input != DataConfig().input:
+        return
+    sample_dir = Path(DEFAULT_SAMPLE_DIR).expanduser()
+    if not (sample_dir / "webdataset").is_dir():
+        from raypipe.sample import write_sample
+
+        log.info("writing the built-in sample to %s", sample_dir)
+        write_sample(str(sample_dir))
+
+
+def _label_inputs(cfg: PrepareConfig) -> tuple[str, ...]:
+    if cfg.labels.source == "none":
+        return ()
+    return (COYO_LABELS, COYO_PROBS) if cfg.labels.source == "coyo_labeled" else (cfg.labels.column,)
+
+
+def _check_output(cfg: PrepareConfig) -> rfs.Location:
+    out = rfs.resolve(cfg.output, cfg.storage)
+    prepared = out.join(PREPARED_DIR)
+    if rfs.is_nonempty_dir(prepared):
+        if not cfg.overwrite:
+            raise PrepareError(f"{prepared.url} already holds prepared data; pass overwrite=true to replace it")
+        rfs.delete_dir(prepared)
+    return out
+
+
+def _with_sidecar(ds, sidecar, join_on: str):
+    if sidecar is None:
+        return ds
+    return ds.map_batches(attach_sidecar, fn_args=(sidecar, join_on), batch_format="numpy")
+
+
+def run_prepare(cfg: PrepareConfig) -> dict:
+    started = time.perf_counter()
+    # Everything that can be checked without a cluster is checked first.
+    ensure_default_sample(cfg.data)
+    out = _check_output(cfg)
+    sidecar_join = cfg.labels.join_on if cfg.labels.sidecar else None
+    label_inputs = _label_inputs(cfg)
+    shard_columns = [*cfg.data.keep_columns]
+    if sidecar_join is None:
+        shard_columns += label_inputs
+    elif sidecar_join != schema.KEY:
+        shard_columns.append(sidecar_join)
+    plan = plan_inputs(cfg.data, cfg.storage, tuple(dict.fromkeys(shard_columns)))
+    sidecar = read_sidecar(cfg.labels.sidecar, cfg.storage, sidecar_join, label_inputs) if sidecar_join else None
+    if cfg.text.lemmatize:
+        ensure_wordnet()
+    log.info("reading %d %s file(s) from %s", len(plan.files), plan.format, ", ".join(cfg.data.input))
+
+    init_ray(cfg.ray)
+    split = SplitRule(cfg.split.val_fraction, cfg.split.salt)
+    normalizer = TextNormalizer(cfg.text.options())
+    configured_classes = tuple(cfg.labels.classes or ())
+    count_rule = None
+    if cfg.labels.source != "none":
+        count_rule = LabelRule(cfg.labels.source, configured_classes, cfg.labels.column, cfg.labels.min_prob)
+
+    # Pass 1: vocabulary (training split) and class list, reduced on the driver.
+    pairs = _with_sidecar(read_pairs(plan, cfg.data.limit), sidecar, sidecar_join)
+    counts = pairs.map_batches(
+        count_batch, fn_args=(normalizer, count_rule, split), batch_size=cfg.ray.batch_size, batch_format="numpy"
+    )
+    tokens, labels = Counter(), Counter()
+    for batch in counts.iter_batches(batch_format="numpy", batch_size=None):
+        for kind, name, count in zip(batch["kind"], batch["name"], batch["count"]):
+            (tokens if kind == TOKEN else labels)[name] += int(count)
+    vocab = Vocabulary.from_counts(tokens, cfg.vocab.min_freq, cfg.vocab.max_size)
+    classes = configured_classes or tuple(sorted(labels))
+    if cfg.labels.source != "none" and not classes:
+        raise PrepareError(f"no labels found in column {cfg.labels.column!r} of {cfg.data.input}")
+
+    # Pass 2: full preprocessing with the frozen vocabulary and class list.
+    label_rule = None if count_rule is None else LabelRule(count_rule.source, classes, count_rule.column, count_rule.min_prob)
+    preparer = PairPreparer(cfg.image.options(), cfg.text.options(), vocab.token_to_id, label_rule, split)
+    keep = [schema.KEY, schema.IMAGE, schema.TOKENS, schema.LENGTH, schema.LABEL, schema.LABEL_ID, schema.SPLIT,
+            schema.SOURCE, schema.STATUS, schema.ERROR_MESSAGE, *cfg.data.keep_columns]
+    prepared = (
+        _with_sidecar(read_pairs(plan, cfg.data.limit), sidecar, sidecar_join)
+        .map_batches(preparer, batch_size=cfg.ray.batch_size, batch_format="numpy")
+        .select_columns(list(dict.fromkeys(keep)))
+    )
+    prepared_dir = out.join(PREPARED_DIR)
+    prepared.write_parquet(prepared_dir.path, filesystem=prepared_dir.fs)
+
+    rfs.write_text(out.join(VOCAB_FILE), vocab.to_json())
+    rfs.write_text(out.join(CLASSES_FILE), json.dumps(list(classes), ensure_ascii=False, indent=1))
+    rfs.write_text(out.join(CONFIG_FILE), json.dumps(dump_config(cfg), indent=1))
+    stats = collect_stats(prepared_dir)
+    stats.update(
+        vocab_size=len(vocab), num_classes=len(classes), input_format=plan.format, input_files=len(plan.files),
+        elapsed_s=round(time.perf_counter() - started, 2), output=out.url,
+    )
+    stats["rows_per_s"] = round(stats["rows_in"] / stats["elapsed_s"], 1) if stats["elapsed_s"] else None
+    rfs.write_text(out.join(STATS_FILE), json.dumps(stats, indent=1, ensure_ascii=False))
+    return stats
+
+
+def collect_stats(prepared: rfs.Location) -> dict:
+    """Counts per status, split and shard, read back from what was written (so they match it)."""
+    files = [
+        i.path
+        for i in prepared.fs.get_file_info(pafs.FileSelector(prepared.path, recursive=True))
+        if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+    ]
+    by_status, by_split, by_class = Counter(), Counter(), Counter()
+    shards: dict[str, Counter] = defaultdict(Counter)
+    examples: dict[str, list] = defaultdict(list)
+    columns = [schema.KEY, schema.SOURCE, schema.STATUS, schema.ERROR_MESSAGE, schema.SPLIT, schema.LABEL]
+    for path in files:
+        for batch in pq.ParquetFile(path, filesystem=prepared.fs).iter_batches(columns=columns):
+            rows = batch.to_pydict()
+            for key, source, status, message, split, label in zip(*(rows[c] for c in columns)):
+                by_status[status] += 1
+                shards[source][status] += 1
+                if status == Status.OK.value:
+                    by_split[split] += 1
+                    by_class[label] += 1
+                elif len(examples[status]) < EXAMPLES_PER_STATUS:
+                    examples[status].append({"key": key, "source": source, "error_message": message})
+    return {
+        "rows_in": sum(by_status.values()),
+        "rows_ok": by_status[Status.OK.value],
+        "by_status": dict(by_status.most_common()),
+        "ok_by_split": dict(sorted(by_split.items())),
+        "ok_by_class": dict(sorted(by_class.items(), key=lambda kv: str(kv[0]))),
+        "error_examples": dict(examples),
+        "shards": {
+            source: {"rows": sum(c.values()), "ok": c[Status.OK.value], "by_status": dict(c)}
+            for source, c in sorted(shards.items())
+        },
+    }
+
+
+def summary_lines(stats: dict) -> list[str]:
+    errors = {k: v for k, v in stats["by_status"].items() if k != Status.OK.value}
+    lines = [
+        f"prepared {stats['rows_in']} rows from {stats['input_files']} {stats['input_format']} file(s) "
+        f"in {stats['elapsed_s']} s ({stats['rows_per_s']} rows/s) -> {stats['output']}",
+        f"  ok: {stats['rows_ok']} (train {stats['ok_by_split'].get('train', 0)}, "
+        f"val {stats['ok_by_split'].get('val', 0)}); {stats['num_classes']} classes, vocabulary {stats['vocab_size']}",
+    ]
+    lines += [f"  {status}: {count}" for status, count in errors.items()]
+    for status, examples in stats["error_examples"].items():
+        lines.append(f"  e.g. {status}: {examples[0]['key']} ({examples[0]['error_message']})")
+    return lines

@@ -1,0 +1,89 @@
+"""Normalized pair rows -> prepared rows: the per-batch work of `prepare`, with no Ray in it.
+
+``count_batch`` is the first pass (token counts of the training split and label counts, for the
+vocabulary and the class list); ``PairPreparer`` is the second (labels, split, image, text).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from raypipe import schema
+from raypipe.transforms.image import ImageOptions, preprocess_images
+from raypipe.transforms.labels import LabelRule, assign_labels, label_text
+from raypipe.transforms.split import TRAIN, assign_split
+from raypipe.transforms.text import TextNormalizer, TextOptions, encode_tokens
+
+TOKEN, LABEL_KIND = "token", "label"
+
+
+@dataclass(frozen=True)
+class SplitRule:
+    val_fraction: float = 0.2
+    salt: str = "raypipe"
+
+
+def _counts_to_batch(kind: str, counts: Counter) -> dict[str, np.ndarray]:
+    return {
+        "kind": np.full(len(counts), kind, dtype=object),
+        "name": np.array(list(counts), dtype=object),
+        "count": np.fromiter(counts.values(), dtype=np.int64, count=len(counts)),
+    }
+
+
+def count_batch(
+    batch: dict[str, np.ndarray], normalizer: TextNormalizer, label_rule: LabelRule | None, split: SplitRule
+) -> dict[str, np.ndarray]:
+    """Token counts over labeled training rows, and label counts over all rows, as (kind, name, count)."""
+    n = len(batch[schema.KEY])
+    if label_rule is None:
+        usable = np.ones(n, dtype=bool)
+        labels = Counter()
+    elif label_rule.source == "coyo_labeled":
+        assign_labels(batch, label_rule)
+        usable = schema.ok_mask(batch)
+        labels = Counter(batch[schema.LABEL][usable])
+    else:
+        names = [label_text(v) for v in batch[label_rule.column]]
+        usable = np.array([name is not None for name in names], dtype=bool)
+        labels = Counter(name for name in names if name is not None)
+    usable &= schema.ok_mask(batch) & (assign_split(batch[schema.KEY], split.val_fraction, split.salt) == TRAIN)
+    tokens = Counter()
+    for text in batch[schema.TEXT][usable]:
+        tokens.update(normalizer.tokens(text))
+    counted = [_counts_to_batch(TOKEN, tokens), _counts_to_batch(LABEL_KIND, labels)]
+    return {k: np.concatenate([c[k] for c in counted]) for k in counted[0]}
+
+
+class PairPreparer:
+    """Labels, split, image decode + resize, text encode; bad rows keep their key and get a status."""
+
+    def __init__(
+        self,
+        image: ImageOptions,
+        text: TextOptions,
+        token_to_id: dict[str, int],
+        label_rule: LabelRule | None,
+        split: SplitRule,
+    ):
+        self.image, self.text = image, text
+        self.normalizer = TextNormalizer(text)
+        self.token_to_id = token_to_id
+        self.label_rule = label_rule
+        self.split = split
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch[schema.KEY])
+        if self.label_rule is not None:
+            assign_labels(batch, self.label_rule)
+        else:
+            batch[schema.LABEL] = np.full(n, None, dtype=object)
+            batch[schema.LABEL_ID] = np.full(n, -1, dtype=np.int64)
+        batch[schema.SPLIT] = assign_split(batch[schema.KEY], self.split.val_fraction, self.split.salt)
+        batch = preprocess_images(batch, self.image)
+        token_lists = [self.normalizer.tokens(t) for t in batch[schema.TEXT]]
+        batch[schema.TOKENS], batch[schema.LENGTH] = encode_tokens(token_lists, self.token_to_id, self.text.max_len)
+        return batch

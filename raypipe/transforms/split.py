@@ -1,0 +1,29 @@
+"""Deterministic train/validation split from a hash of the key.
+
+Stable across runs, workers and re-reads, and needs no global shuffle: a row's split depends on its
+key (and the salt) only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+TRAIN, VAL = "train", "val"
+
+
+def validation_mask(keys: np.ndarray, val_fraction: float, salt: str = "raypipe") -> np.ndarray:
+    """True where a key belongs to the validation split."""
+    prefix = salt.encode() + b"\x00"
+    # blake2b's 8 bytes as a uniform number in [0, 1); Python's hash() is salted per process.
+    draws = np.fromiter(
+        (int.from_bytes(hashlib.blake2b(prefix + str(k).encode(), digest_size=8).digest(), "big") / 2**64 for k in keys),
+        dtype=np.float64,
+        count=len(keys),
+    )
+    return draws < val_fraction
+
+
+def assign_split(keys: np.ndarray, val_fraction: float, salt: str = "raypipe") -> np.ndarray:
+    return np.where(validation_mask(keys, val_fraction, salt), VAL, TRAIN).astype(object)

@@ -1,0 +1,73 @@
+import pytest
+
+from raypipe.config import ConfigError, PrepareConfig, load_config, parse_override
+
+
+def test_defaults_validate_and_every_field_has_a_description():
+    cfg = load_config(PrepareConfig)
+    assert cfg.image.size == 64 and cfg.split.val_fraction == 0.2
+
+    def walk(model):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no description"
+            annotation = field.annotation
+            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+                walk(annotation)
+
+    walk(PrepareConfig)
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  input: s3://a/b\nimage:\n  size: 32\n")
+    cfg = load_config(PrepareConfig, path, ["image.size=48", "data.keep_columns=[id, url]", "text.stem=true"])
+    assert cfg.data.input == ["s3://a/b"]
+    assert cfg.image.size == 48
+    assert cfg.data.keep_columns == ["id", "url"]
+    assert cfg.text.stem is True
+
+
+def test_override_value_keeps_urls_as_text():
+    assert parse_override("data.input=s3://bucket/x/*.tar") == (["data", "input"], "s3://bucket/x/*.tar")
+    assert parse_override("output=gs://b/p:q") == (["output"], "gs://b/p:q")
+
+
+def test_unknown_key_names_field_and_suggests():
+    with pytest.raises(ConfigError) as e:
+        load_config(PrepareConfig, None, ["data.inptu=x"])
+    msg = str(e.value)
+    assert "data.inptu: unknown key" in msg and "did you mean 'input'" in msg and "keep_columns" in msg
+
+
+def test_bad_choice_lists_allowed_values():
+    with pytest.raises(ConfigError) as e:
+        load_config(PrepareConfig, None, ["image.resize_mode=squash"])
+    msg = str(e.value)
+    assert "image.resize_mode" in msg and "'stretch'" in msg and "'center_crop'" in msg and "squash" in msg
+
+
+def test_bad_number_names_field():
+    with pytest.raises(ConfigError, match=r"split.val_fraction"):
+        load_config(PrepareConfig, None, ["split.val_fraction=1.5"])
+
+
+def test_malformed_override_and_file(tmp_path):
+    with pytest.raises(ConfigError, match="section.field=value"):
+        load_config(PrepareConfig, None, ["justaword"])
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(PrepareConfig, tmp_path / "missing.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(PrepareConfig, bad)
+
+
+def test_endpoint_with_credentials_is_refused_without_echoing_them():
+    with pytest.raises(ConfigError) as e:
+        load_config(PrepareConfig, None, ["storage.endpoint_url=http://AKIAXX:topsecret@host:9000"])
+    assert "must not contain credentials" in str(e.value)
+
+
+def test_coyo_labels_need_a_class_list():
+    with pytest.raises(ConfigError, match="labels.classes is required"):
+        load_config(PrepareConfig, None, ["labels.source=coyo_labeled"])
