@@ -133,7 +133,7 @@ class ImageConfig(Section):
 class TextConfig(Section):
     max_len: int = Field(32, ge=1, le=4096, description="Tokens kept per text; shorter texts are padded with 0.")
     lemmatize: bool = Field(True, description="WordNet lemmatization, verb then noun (swam -> swim, mice -> mouse).")
-    stem: bool = Field(False, description="Porter stemming after lemmatization (the paper stems and lemmatizes).")
+    stem: bool = Field(False, description="Snowball (Porter2) English stemming after lemmatization (the paper stems and lemmatizes).")
     remove_stopwords: bool = Field(False, description="Drop English stop words (the project's own list).")
     min_token_length: int = Field(1, ge=1, description="Drop tokens shorter than this many characters.")
 

@@ -51,6 +51,27 @@ def new_status_columns(n: int) -> dict[str, np.ndarray]:
     }
 
 
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, (float, np.floating)) and value != value)
+
+
+def as_text_column(values: np.ndarray) -> np.ndarray:
+    """Object array of str/None. Ray hands an all-null column to the next stage as float NaN."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = [None if _is_missing(v) else v for v in values]
+    return out
+
+
+def ensure_status_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Status columns as writable object arrays, whatever form the previous stage left them in."""
+    n = len(batch[KEY])
+    if STATUS not in batch:
+        batch.update(new_status_columns(n))
+    batch[STATUS] = as_text_column(batch[STATUS])
+    batch[ERROR_MESSAGE] = as_text_column(batch[ERROR_MESSAGE])
+    return batch
+
+
 def mark_failed(batch: dict[str, np.ndarray], i: int, status: Status, message: str) -> None:
     """Record that row ``i`` failed; the first failure of a row wins."""
     if batch[STATUS][i] == Status.OK.value:

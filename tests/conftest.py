@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/imagekinds.py and friend
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # never probe for an instance profile
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset's albumentations checks online otherwise
 
 
 def free_port() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -46,6 +47,8 @@ def run_img2dataset(rows: list[dict], files: dict[str, bytes], output_dir: Path,
     from img2dataset import download
 
     output_dir.mkdir(parents=True, exist_ok=True)
+    # A proxy configured on the machine must not see requests to the local server.
+    os.environ["no_proxy"] = os.environ["NO_PROXY"] = "127.0.0.1,localhost"
     with serve_bytes(files) as base:
         extra = [c for c in rows[0] if c not in ("path", "caption")]
         table = pa.table(

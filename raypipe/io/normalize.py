@@ -29,7 +29,7 @@ class InputColumns:
 
 
 def _text_or_empty(value) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)):
         return ""
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
@@ -95,7 +95,7 @@ def normalize_webdataset(batch: dict[str, np.ndarray], columns: InputColumns) ->
 
 
 def _parse_json(value) -> dict:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)):
         return {}
     try:
         parsed = json.loads(value)

@@ -106,27 +106,36 @@ def plan_inputs(data: DataConfig, storage: StorageConfig, extra_columns: tuple[s
     return InputPlan(fmt, filesystem, tuple(files), columns)
 
 
-def read_pairs(plan: InputPlan, limit: int | None = None):
-    """The normalized pair rows of every input, as a lazy Ray Dataset."""
+def read_pairs(plan: InputPlan, limit: int | None = None, with_images: bool = True):
+    """The normalized pair rows of every input, as a lazy Ray Dataset.
+
+    ``with_images=False`` leaves the image bytes in storage (Parquet) or drops them while reading
+    (tar), for passes that only need text and labels; ``image`` is then None everywhere."""
     import ray.data
 
     if plan.format == "webdataset":
         ds = ray.data.read_webdataset(
-            list(plan.files), filesystem=plan.filesystem, decoder=None, override_num_blocks=len(plan.files)
+            list(plan.files),
+            filesystem=plan.filesystem,
+            decoder=None,
+            suffixes=None if with_images else ["txt", "json"],
+            override_num_blocks=len(plan.files),
         ).map_batches(normalize_webdataset, fn_args=(plan.columns,), batch_format="numpy")
         if plan.metadata_files:
             ds = ds.union(_failed_downloads(plan))
     else:
-        wanted = [plan.columns.key, plan.columns.image, plan.columns.text, *plan.columns.extra]
+        wanted = [plan.columns.key, plan.columns.text, *plan.columns.extra]
+        if with_images:
+            wanted.append(plan.columns.image)
         if plan.format == "img2dataset_parquet":
             wanted += ["status", "error_message"]
-        ds = ray.data.read_parquet(
-            list(plan.files),
-            filesystem=plan.filesystem,
-            columns=list(dict.fromkeys(wanted)),
-            include_paths=True,
-            override_num_blocks=len(plan.files),
-        ).map_batches(normalize_table, fn_args=(plan.columns,), batch_format="numpy")
+        ds = (
+            ray.data.read_parquet(
+                list(plan.files), filesystem=plan.filesystem, include_paths=True, override_num_blocks=len(plan.files)
+            )
+            .select_columns([*dict.fromkeys(wanted), "path"])
+            .map_batches(normalize_table, fn_args=(plan.columns,), batch_format="numpy")
+        )
     return ds.limit(limit) if limit else ds
 
 
@@ -139,12 +148,8 @@ def _failed_downloads(plan: InputPlan):
     columns = InputColumns(IMG2DATASET_COLUMNS.key, IMG2DATASET_COLUMNS.image, IMG2DATASET_COLUMNS.text, extra)
     wanted = ["key", "caption", "status", "error_message", *extra]
     return (
-        ray.data.read_parquet(
-            list(plan.metadata_files),
-            filesystem=plan.filesystem,
-            columns=wanted,
-            include_paths=True,
-        )
+        ray.data.read_parquet(list(plan.metadata_files), filesystem=plan.filesystem, include_paths=True)
+        .select_columns([*wanted, "path"])
         .map_batches(_failed_rows_of_tar, batch_format="numpy")
         .map_batches(normalize_table, fn_args=(columns,), batch_format="numpy")
     )

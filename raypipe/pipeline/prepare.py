@@ -21,6 +21,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -80,6 +81,14 @@ def _with_sidecar(ds, sidecar, join_on: str):
     return ds.map_batches(attach_sidecar, fn_args=(sidecar, join_on), batch_format="numpy")
 
 
+def _nulls_as_strings(table: pa.Table) -> pa.Table:
+    """A column that is null in a whole block is typed string, so every output file has one schema."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_null(field.type):
+            table = table.set_column(i, field.name, table.column(i).cast(pa.string()))
+    return table
+
+
 def run_prepare(cfg: PrepareConfig) -> dict:
     started = time.perf_counter()
     # Everything that can be checked without a cluster is checked first.
@@ -107,7 +116,7 @@ def run_prepare(cfg: PrepareConfig) -> dict:
         count_rule = LabelRule(cfg.labels.source, configured_classes, cfg.labels.column, cfg.labels.min_prob)
 
     # Pass 1: vocabulary (training split) and class list, reduced on the driver.
-    pairs = _with_sidecar(read_pairs(plan, cfg.data.limit), sidecar, sidecar_join)
+    pairs = _with_sidecar(read_pairs(plan, cfg.data.limit, with_images=False), sidecar, sidecar_join)
     counts = pairs.map_batches(
         count_batch, fn_args=(normalizer, count_rule, split), batch_size=cfg.ray.batch_size, batch_format="numpy"
     )
@@ -129,6 +138,7 @@ def run_prepare(cfg: PrepareConfig) -> dict:
         _with_sidecar(read_pairs(plan, cfg.data.limit), sidecar, sidecar_join)
         .map_batches(preparer, batch_size=cfg.ray.batch_size, batch_format="numpy")
         .select_columns(list(dict.fromkeys(keep)))
+        .map_batches(_nulls_as_strings, batch_format="pyarrow")
     )
     prepared_dir = out.join(PREPARED_DIR)
     prepared.write_parquet(prepared_dir.path, filesystem=prepared_dir.fs)

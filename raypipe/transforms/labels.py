@@ -32,7 +32,7 @@ class LabelRule:
 
 def label_text(value: Any) -> str | None:
     """A label cell as a class name: ints and integral floats as digits; None, NaN, '' as None."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
         return None
     if isinstance(value, (float, np.floating)) and float(value).is_integer():
         value = int(value)

@@ -39,6 +39,7 @@ def count_batch(
 ) -> dict[str, np.ndarray]:
     """Token counts over labeled training rows, and label counts over all rows, as (kind, name, count)."""
     n = len(batch[schema.KEY])
+    schema.ensure_status_columns(batch)
     if label_rule is None:
         usable = np.ones(n, dtype=bool)
         labels = Counter()
@@ -77,6 +78,7 @@ class PairPreparer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch[schema.KEY])
+        schema.ensure_status_columns(batch)
         if self.label_rule is not None:
             assign_labels(batch, self.label_rule)
         else:

@@ -1,0 +1,62 @@
+import json
+
+import numpy as np
+
+from raypipe import schema
+from raypipe.io.normalize import InputColumns, normalize_table, normalize_webdataset
+from raypipe.schema import Status
+
+
+def _obj(values):
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def test_img2dataset_parquet_rows_keep_keys_and_failed_downloads_are_marked():
+    batch = {
+        "key": _obj(["000", "001", "002"]),
+        "jpg": _obj([b"\xff\xd8jpeg", None, b""]),
+        "caption": _obj(["a cat", None, "x"]),
+        "status": _obj(["success", "failed_to_download", "success"]),
+        "error_message": _obj([None, "HTTP Error 404: Not Found", None]),
+        "path": _obj(["s/0.parquet"] * 3),
+        "id": np.array([7, 8, 9]),
+    }
+    out = normalize_table(batch, InputColumns(extra=("id",)))
+    assert list(out[schema.KEY]) == ["000", "001", "002"]
+    assert out[schema.IMAGE][0] == b"\xff\xd8jpeg" and out[schema.IMAGE][1] is None and out[schema.IMAGE][2] is None
+    assert list(out[schema.TEXT]) == ["a cat", "", "x"]
+    assert list(out[schema.STATUS]) == ["ok", Status.NOT_DOWNLOADED.value, "ok"]
+    assert "404" in out[schema.ERROR_MESSAGE][1] and "failed_to_download" in out[schema.ERROR_MESSAGE][1]
+    assert list(out["id"]) == [7, 8, 9] and list(out[schema.SOURCE]) == ["s/0.parquet"] * 3
+
+
+def test_plain_table_with_configured_columns():
+    batch = {"uid": np.array([1, 2]), "img": _obj([b"a", b"b"]), "alt": _obj(["t1", "t2"])}
+    out = normalize_table(batch, InputColumns(key="uid", image="img", text="alt"))
+    assert list(out[schema.KEY]) == ["1", "2"] and list(out[schema.STATUS]) == ["ok", "ok"]
+
+
+def test_webdataset_samples_take_passthrough_from_json_and_survive_missing_members():
+    meta = json.dumps({"id": 42, "label": "park", "caption": "from json"}).encode()
+    batch = {
+        "__key__": _obj(["00000001", "00000002"]),
+        "__url__": _obj(["s3://b/00000.tar"] * 2),
+        "jpg": _obj([b"\xff\xd8", np.nan]),  # the second sample has no image member
+        "txt": _obj([b"caption \xc3\xa9", "text"]),
+        "json": _obj([meta, b"{not json"]),
+    }
+    out = normalize_webdataset(batch, InputColumns(extra=("id", "label")))
+    assert list(out[schema.KEY]) == ["00000001", "00000002"]
+    assert out[schema.IMAGE][1] is None and out[schema.TEXT][0] == "caption é"
+    assert list(out["id"]) == [42, None] and list(out["label"]) == ["park", None]
+    assert list(out[schema.SOURCE]) == ["s3://b/00000.tar"] * 2
+
+
+def test_status_columns_recover_from_ray_null_columns():
+    # Ray hands an all-null Arrow column to the next stage as float32 NaN.
+    batch = {schema.KEY: _obj(["a"]), schema.STATUS: _obj(["ok"]), schema.ERROR_MESSAGE: np.array([np.nan], np.float32)}
+    schema.ensure_status_columns(batch)
+    schema.mark_failed(batch, 0, Status.MISSING_IMAGE, "no bytes")
+    assert batch[schema.ERROR_MESSAGE][0] == "no bytes"
