@@ -160,8 +160,8 @@ class RayConfig(Section):
     progress_bars: bool = Field(True, description="Show Ray Data progress bars.")
 
 
-class PrepareConfig(Section):
-    """jobs/prepare.py: read shards -> preprocess -> prepared Parquet + vocab/classes/stats."""
+class DataSections(Section):
+    """What to read and how to preprocess it: shared by every job that reads raw pairs."""
 
     data: DataConfig = Field(default_factory=DataConfig, description="What to read.")
     labels: LabelConfig = Field(default_factory=LabelConfig, description="Where class labels come from.")
@@ -171,10 +171,111 @@ class PrepareConfig(Section):
     split: SplitConfig = Field(default_factory=SplitConfig, description="Deterministic train/validation split.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Object-store settings.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster and execution settings.")
+
+
+class PrepareConfig(DataSections):
+    """jobs/prepare.py: read shards -> preprocess -> prepared Parquet + vocab/classes/stats."""
+
     output: str = Field(
         "~/.cache/raypipe/prepared", description="Where prepared shards, vocab.json, classes.json, stats.json go."
     )
     overwrite: bool = Field(False, description="Replace an existing output instead of refusing to touch it.")
+
+
+class ModelSection(Section):
+    mode: Literal["fusion", "image", "text"] = Field(
+        "fusion", description="fusion: CNN + LSTM-attention (the paper); image / text: one branch (the ablation)."
+    )
+    conv_channels: list[int] = Field(
+        [32, 64, 128], min_length=1, description="Output channels of each conv3x3 + maxpool block of the CNN."
+    )
+    batch_norm: bool = Field(False, description="BatchNorm after each convolution (a departure; the paper has none).")
+    embed_dim: int = Field(128, ge=1, description="Word embedding size.")
+    lstm_hidden: int = Field(128, ge=1, description="LSTM hidden size (per direction).")
+    lstm_layers: int = Field(1, ge=1, le=4, description="Stacked LSTM layers.")
+    bidirectional: bool = Field(False, description="Bidirectional LSTM.")
+    fc_dims: list[int] = Field([256], description="Hidden sizes of the fully connected layers after concatenation.")
+    dropout: float = Field(0.5, ge=0.0, lt=1.0, description="Dropout before each fully connected layer.")
+
+
+class OptimSection(Section):
+    lr: float = Field(0.001, gt=0, description="Adam learning rate (the paper: 0.001).")
+    batch_size: int = Field(32, ge=1, description="Global batch size, split across workers (the paper: 32).")
+    epochs: int = Field(20, ge=1, description="Maximum epochs (the paper: 100).")
+    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay (L2).")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many epochs without a better validation accuracy (default: never)."
+    )
+    class_weighting: Literal["none", "balanced"] = Field(
+        "none", description="balanced: weight the loss by inverse class frequency of the training split."
+    )
+    shuffle_buffer: int = Field(2000, ge=0, description="Rows in each worker's local shuffle buffer (0: no shuffle).")
+    seed: int = Field(0, description="Seed of model initialisation and shuffling.")
+
+
+class ScalingSection(Section):
+    num_workers: int = Field(1, ge=1, description="Data-parallel training workers (DDP).")
+    use_gpu: bool = Field(False, description="One GPU per worker; NCCL and mixed precision.")
+    cpus_per_worker: float | None = Field(
+        None,
+        gt=0,
+        description="CPUs reserved per worker. Default: 1, reduced so at least one CPU stays free for Ray Data "
+        "(a trainer that takes every CPU starves its own input pipeline).",
+    )
+    amp: bool = Field(True, description="Mixed precision (bfloat16/float16 autocast) when training on GPU.")
+
+
+class RunSection(Section):
+    name: str = Field(
+        "raypipe-train",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="Run name. Re-running with the same name and storage_path resumes from the last checkpoint.",
+    )
+    storage_path: str = Field(
+        "~/raypipe-runs", description="Where checkpoints and the model bundle go (local path or s3://...)."
+    )
+    num_to_keep: int = Field(2, ge=1, description="Checkpoints kept per run (the newest).")
+    max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (restarts from the last checkpoint).")
+
+
+class TrainConfig(DataSections):
+    """jobs/train.py: train the fusion model with Ray Train; writes checkpoints and a model bundle."""
+
+    prepared: str | None = Field(
+        None,
+        description="Output of jobs/prepare.py to train on (decoded once). Default: preprocess the `data` input "
+        "while training (streamed through the prepare stage every epoch).",
+    )
+    model: ModelSection = Field(default_factory=ModelSection, description="Model architecture.")
+    optim: OptimSection = Field(default_factory=OptimSection, description="Optimisation.")
+    scaling: ScalingSection = Field(default_factory=ScalingSection, description="Training workers and devices.")
+    run: RunSection = Field(default_factory=RunSection, description="Run name, checkpoints, fault tolerance.")
+
+
+class PredictSection(Section):
+    batch_size: int = Field(256, ge=1, description="Rows per model call.")
+    max_actors: int | None = Field(
+        None, ge=1, description="Most predictor actors (each loads the model once). Default: CPUs - 1, or GPUs."
+    )
+    use_gpu: bool = Field(False, description="One GPU per predictor actor.")
+    top_k: int = Field(3, ge=1, description="How many best classes (with scores) each row gets.")
+
+
+class EvaluateConfig(Section):
+    """jobs/evaluate.py: a bundle on a prepared split, or on raw labeled shards."""
+
+    bundle: str = Field("~/raypipe-runs/raypipe-train/bundle", description="The model bundle to evaluate.")
+    prepared: str | None = Field(
+        None, description="A prepare output to evaluate on. Default: preprocess `data` with the bundle's settings."
+    )
+    which_split: Literal["val", "train", "all"] = Field("val", description="Rows to evaluate.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Raw labeled shards (when `prepared` is unset).")
+    labels: LabelConfig = Field(default_factory=LabelConfig, description="Where the true labels come from.")
+    split: SplitConfig = Field(default_factory=SplitConfig, description="Must match training to evaluate its split.")
+    predict: PredictSection = Field(default_factory=PredictSection, description="Inference settings.")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Object-store settings.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster and execution settings.")
+    output: str | None = Field(None, description="Where metrics.json, per_class.csv and PNGs go. Default: <bundle>/evaluation.")
 
 
 C = TypeVar("C", bound=BaseModel)

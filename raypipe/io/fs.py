@@ -129,15 +129,19 @@ def read_text(loc: Location) -> str:
         raise StorageError(_describe_failure(loc.url, e)) from None
 
 
-def write_text(loc: Location, text: str) -> None:
+def write_bytes(loc: Location, data: bytes) -> None:
     try:
         parent = posixpath.dirname(loc.path)
         if parent:
             loc.fs.create_dir(parent, recursive=True)
         with loc.fs.open_output_stream(loc.path) as f:
-            f.write(text.encode("utf-8"))
+            f.write(data)
     except (OSError, ValueError) as e:
         raise StorageError(_describe_failure(loc.url, e)) from None
+
+
+def write_text(loc: Location, text: str) -> None:
+    write_bytes(loc, text.encode("utf-8"))
 
 
 def exists(loc: Location) -> bool:

@@ -19,6 +19,7 @@ import json
 import logging
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,13 +27,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raypipe import schema
-from raypipe.config import DEFAULT_SAMPLE_DIR, DataConfig, PrepareConfig, dump_config
+from raypipe.config import DEFAULT_SAMPLE_DIR, DataConfig, DataSections, PrepareConfig, dump_config
 from raypipe.io import fs as rfs
-from raypipe.io.readers import attach_sidecar, plan_inputs, read_pairs, read_sidecar
+from raypipe.io.readers import InputPlan, attach_sidecar, plan_inputs, read_pairs, read_sidecar
 from raypipe.pipeline.cluster import init_ray
 from raypipe.schema import Status
 from raypipe.transforms.labels import COYO_LABELS, COYO_PROBS, LabelRule
-from raypipe.transforms.pairs import LABEL_KIND, TOKEN, PairPreparer, SplitRule, count_batch
+from raypipe.transforms.pairs import TOKEN, PairPreparer, SplitRule, count_batch
 from raypipe.transforms.text import TextNormalizer, ensure_wordnet
 from raypipe.transforms.vocab import Vocabulary
 
@@ -59,7 +60,7 @@ def ensure_default_sample(data: DataConfig) -> None:
         write_sample(str(sample_dir))
 
 
-def _label_inputs(cfg: PrepareConfig) -> tuple[str, ...]:
+def _label_inputs(cfg: DataSections) -> tuple[str, ...]:
     if cfg.labels.source == "none":
         return ()
     return (COYO_LABELS, COYO_PROBS) if cfg.labels.source == "coyo_labeled" else (cfg.labels.column,)
@@ -75,10 +76,80 @@ def _check_output(cfg: PrepareConfig) -> rfs.Location:
     return out
 
 
-def _with_sidecar(ds, sidecar, join_on: str):
-    if sidecar is None:
-        return ds
-    return ds.map_batches(attach_sidecar, fn_args=(sidecar, join_on), batch_format="numpy")
+@dataclass(frozen=True)
+class PreparePlan:
+    """Everything the prepare passes need, resolved and checked on the driver before Ray starts."""
+
+    cfg: DataSections
+    inputs: InputPlan
+    sidecar: pa.Table | None
+    sidecar_join: str | None
+    split: SplitRule
+
+    def label_rule(self, classes: tuple[str, ...]) -> LabelRule | None:
+        labels = self.cfg.labels
+        return None if labels.source == "none" else LabelRule(labels.source, classes, labels.column, labels.min_prob)
+
+    def pairs(self, with_images: bool = True):
+        ds = read_pairs(self.inputs, self.cfg.data.limit, with_images=with_images)
+        if self.sidecar is None:
+            return ds
+        return ds.map_batches(attach_sidecar, fn_args=(self.sidecar, self.sidecar_join), batch_format="numpy")
+
+
+def plan_prepare(cfg: DataSections) -> PreparePlan:
+    ensure_default_sample(cfg.data)
+    sidecar_join = cfg.labels.join_on if cfg.labels.sidecar else None
+    label_inputs = _label_inputs(cfg)
+    shard_columns = [*cfg.data.keep_columns]
+    if sidecar_join is None:
+        shard_columns += label_inputs
+    elif sidecar_join != schema.KEY:
+        shard_columns.append(sidecar_join)
+    inputs = plan_inputs(cfg.data, cfg.storage, tuple(dict.fromkeys(shard_columns)))
+    sidecar = read_sidecar(cfg.labels.sidecar, cfg.storage, sidecar_join, label_inputs) if sidecar_join else None
+    if cfg.text.lemmatize:
+        ensure_wordnet()
+    log.info("reading %d %s file(s) from %s", len(inputs.files), inputs.format, ", ".join(cfg.data.input))
+    return PreparePlan(cfg, inputs, sidecar, sidecar_join, SplitRule(cfg.split.val_fraction, cfg.split.salt))
+
+
+def build_vocab_and_classes(plan: PreparePlan) -> tuple[Vocabulary, tuple[str, ...], dict[str, int]]:
+    """Pass 1: token counts of the training split and label counts, in map tasks, reduced here.
+
+    Returns the vocabulary, the class list and the number of labeled rows per class."""
+    cfg = plan.cfg
+    configured = tuple(cfg.labels.classes or ())
+    counts = plan.pairs(with_images=False).map_batches(
+        count_batch,
+        fn_args=(TextNormalizer(cfg.text.options()), plan.label_rule(configured), plan.split),
+        batch_size=cfg.ray.batch_size,
+        batch_format="numpy",
+    )
+    tokens, labels = Counter(), Counter()
+    for batch in counts.iter_batches(batch_format="numpy", batch_size=None):
+        for kind, name, count in zip(batch["kind"], batch["name"], batch["count"]):
+            (tokens if kind == TOKEN else labels)[name] += int(count)
+    classes = configured or tuple(sorted(labels))
+    if cfg.labels.source != "none" and not classes:
+        raise PrepareError(f"no labels found in column {cfg.labels.column!r} of {cfg.data.input}")
+    return Vocabulary.from_counts(tokens, cfg.vocab.min_freq, cfg.vocab.max_size), classes, dict(labels)
+
+
+def prepared_dataset(plan: PreparePlan, vocab: Vocabulary, classes: tuple[str, ...]):
+    """Pass 2, lazily: every input row as a prepared row (status != ok rows included)."""
+    cfg = plan.cfg
+    preparer = PairPreparer(
+        cfg.image.options(), cfg.text.options(), vocab.token_to_id, plan.label_rule(classes), plan.split
+    )
+    keep = [schema.KEY, schema.IMAGE, schema.TOKENS, schema.LENGTH, schema.LABEL, schema.LABEL_ID, schema.SPLIT,
+            schema.SOURCE, schema.STATUS, schema.ERROR_MESSAGE, *cfg.data.keep_columns]
+    return (
+        plan.pairs()
+        .map_batches(preparer, batch_size=cfg.ray.batch_size, batch_format="numpy")
+        .select_columns(list(dict.fromkeys(keep)))
+        .map_batches(_nulls_as_strings, batch_format="pyarrow")
+    )
 
 
 def _nulls_as_strings(table: pa.Table) -> pa.Table:
@@ -91,65 +162,20 @@ def _nulls_as_strings(table: pa.Table) -> pa.Table:
 
 def run_prepare(cfg: PrepareConfig) -> dict:
     started = time.perf_counter()
-    # Everything that can be checked without a cluster is checked first.
-    ensure_default_sample(cfg.data)
     out = _check_output(cfg)
-    sidecar_join = cfg.labels.join_on if cfg.labels.sidecar else None
-    label_inputs = _label_inputs(cfg)
-    shard_columns = [*cfg.data.keep_columns]
-    if sidecar_join is None:
-        shard_columns += label_inputs
-    elif sidecar_join != schema.KEY:
-        shard_columns.append(sidecar_join)
-    plan = plan_inputs(cfg.data, cfg.storage, tuple(dict.fromkeys(shard_columns)))
-    sidecar = read_sidecar(cfg.labels.sidecar, cfg.storage, sidecar_join, label_inputs) if sidecar_join else None
-    if cfg.text.lemmatize:
-        ensure_wordnet()
-    log.info("reading %d %s file(s) from %s", len(plan.files), plan.format, ", ".join(cfg.data.input))
-
+    plan = plan_prepare(cfg)  # everything that can be checked without a cluster is checked first
     init_ray(cfg.ray)
-    split = SplitRule(cfg.split.val_fraction, cfg.split.salt)
-    normalizer = TextNormalizer(cfg.text.options())
-    configured_classes = tuple(cfg.labels.classes or ())
-    count_rule = None
-    if cfg.labels.source != "none":
-        count_rule = LabelRule(cfg.labels.source, configured_classes, cfg.labels.column, cfg.labels.min_prob)
-
-    # Pass 1: vocabulary (training split) and class list, reduced on the driver.
-    pairs = _with_sidecar(read_pairs(plan, cfg.data.limit, with_images=False), sidecar, sidecar_join)
-    counts = pairs.map_batches(
-        count_batch, fn_args=(normalizer, count_rule, split), batch_size=cfg.ray.batch_size, batch_format="numpy"
-    )
-    tokens, labels = Counter(), Counter()
-    for batch in counts.iter_batches(batch_format="numpy", batch_size=None):
-        for kind, name, count in zip(batch["kind"], batch["name"], batch["count"]):
-            (tokens if kind == TOKEN else labels)[name] += int(count)
-    vocab = Vocabulary.from_counts(tokens, cfg.vocab.min_freq, cfg.vocab.max_size)
-    classes = configured_classes or tuple(sorted(labels))
-    if cfg.labels.source != "none" and not classes:
-        raise PrepareError(f"no labels found in column {cfg.labels.column!r} of {cfg.data.input}")
-
-    # Pass 2: full preprocessing with the frozen vocabulary and class list.
-    label_rule = None if count_rule is None else LabelRule(count_rule.source, classes, count_rule.column, count_rule.min_prob)
-    preparer = PairPreparer(cfg.image.options(), cfg.text.options(), vocab.token_to_id, label_rule, split)
-    keep = [schema.KEY, schema.IMAGE, schema.TOKENS, schema.LENGTH, schema.LABEL, schema.LABEL_ID, schema.SPLIT,
-            schema.SOURCE, schema.STATUS, schema.ERROR_MESSAGE, *cfg.data.keep_columns]
-    prepared = (
-        _with_sidecar(read_pairs(plan, cfg.data.limit), sidecar, sidecar_join)
-        .map_batches(preparer, batch_size=cfg.ray.batch_size, batch_format="numpy")
-        .select_columns(list(dict.fromkeys(keep)))
-        .map_batches(_nulls_as_strings, batch_format="pyarrow")
-    )
+    vocab, classes, _ = build_vocab_and_classes(plan)
     prepared_dir = out.join(PREPARED_DIR)
-    prepared.write_parquet(prepared_dir.path, filesystem=prepared_dir.fs)
+    prepared_dataset(plan, vocab, classes).write_parquet(prepared_dir.path, filesystem=prepared_dir.fs)
 
     rfs.write_text(out.join(VOCAB_FILE), vocab.to_json())
     rfs.write_text(out.join(CLASSES_FILE), json.dumps(list(classes), ensure_ascii=False, indent=1))
     rfs.write_text(out.join(CONFIG_FILE), json.dumps(dump_config(cfg), indent=1))
     stats = collect_stats(prepared_dir)
     stats.update(
-        vocab_size=len(vocab), num_classes=len(classes), input_format=plan.format, input_files=len(plan.files),
-        elapsed_s=round(time.perf_counter() - started, 2), output=out.url,
+        vocab_size=len(vocab), num_classes=len(classes), input_format=plan.inputs.format,
+        input_files=len(plan.inputs.files), elapsed_s=round(time.perf_counter() - started, 2), output=out.url,
     )
     stats["rows_per_s"] = round(stats["rows_in"] / stats["elapsed_s"], 1) if stats["elapsed_s"] else None
     rfs.write_text(out.join(STATS_FILE), json.dumps(stats, indent=1, ensure_ascii=False))

@@ -1,0 +1,36 @@
+"""Train the CNN + LSTM-attention fusion model on Ray Train; write checkpoints and a model bundle.
+
+    python jobs/train.py                                   # the built-in sample, local Ray, a few minutes
+    python jobs/train.py prepared=~/.cache/raypipe/prepared scaling.num_workers=2 optim.epochs=30
+    ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/train.yaml
+Re-running with the same run.name and run.storage_path resumes from the last checkpoint.
+"""
+
+import json
+import sys
+
+from raypipe.bundle import BundleError
+from raypipe.cli import parse_job_config, register_user_error, run_job
+from raypipe.config import TrainConfig
+from raypipe.io.fs import StorageError
+from raypipe.io.readers import InputError
+from raypipe.pipeline.prepare import PrepareError
+from raypipe.pipeline.train import TrainError, run_train
+from raypipe.transforms.text import WordNetMissingError
+
+
+def main(argv=None) -> dict:
+    config = parse_job_config(TrainConfig, argv, __doc__)
+    result = run_train(config)
+    best = result["best"]
+    print(
+        f"best epoch {result['best_epoch']}/{result['epochs_run']}: val_acc {best['val_accuracy']:.4f} "
+        f"macro_f1 {best['val_macro_f1']:.4f}; bundle {result['bundle']} ({result['identity']})"
+    )
+    print(json.dumps({"bundle": result["bundle"], "val_accuracy": best["val_accuracy"]}))
+    return result
+
+
+if __name__ == "__main__":
+    register_user_error(TrainError, PrepareError, InputError, StorageError, WordNetMissingError, BundleError)
+    run_job(lambda: main(sys.argv[1:]))

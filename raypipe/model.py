@@ -1,0 +1,199 @@
+"""The image-text classifier of Kim & Lee (2023), in one file read top to bottom.
+
+    image uint8 [B, S, S, 3] -> ImageCNN (conv3x3 + ReLU + maxpool2 blocks, flatten)  -> [B, F]
+    tokens int  [B, L]       -> TextLSTMAttention (embed, LSTM, additive attention)  -> [B, D]
+    concat [B, F + D] -> (dropout, FC + ReLU)* -> dropout, FC -> logits [B, num_classes]
+
+`mode` picks the ablation: "image" and "text" build only their branch, so every parameter takes part
+in every forward pass (DDP needs no find_unused_parameters). No device or dtype is hard-coded:
+the model follows its inputs' device and runs under torch.autocast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+MODES = ("fusion", "image", "text")
+DEFAULT_SEQ_LEN = 32  # the text transform's default max_len; only flops_per_sample needs a length
+
+
+@dataclass
+class ModelConfig:
+    num_classes: int
+    vocab_size: int  # including id 0 (padding) and id 1 (unknown)
+    mode: str = "fusion"  # "fusion" | "image" | "text"
+    image_size: int = 64
+    conv_channels: tuple[int, ...] = (32, 64, 128)  # one conv3x3 + maxpool2 block per entry
+    batch_norm: bool = False  # a departure from the paper's plain CNN, off by default
+    embed_dim: int = 128
+    lstm_hidden: int = 128  # per direction
+    lstm_layers: int = 1
+    bidirectional: bool = False
+    fc_dims: tuple[int, ...] = (256,)  # hidden FC layers after the concatenation
+    dropout: float = 0.5  # before each FC layer
+
+    def __post_init__(self):
+        self.conv_channels, self.fc_dims = tuple(self.conv_channels), tuple(self.fc_dims)  # lists from JSON
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.num_classes < 1 or self.vocab_size < 2 or not self.conv_channels:
+            raise ValueError(f"need num_classes >= 1, vocab_size >= 2 and conv blocks: {self}")
+        if self.image_size >> len(self.conv_channels) < 1:
+            raise ValueError(f"image_size {self.image_size} is too small for {len(self.conv_channels)} maxpool blocks")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(d) - known):
+            raise ValueError(f"unknown ModelConfig key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+
+class ImageCNN(nn.Module):
+    """uint8 (or float on the same 0-255 scale) images [B, S, S, 3] -> features [B, out_dim].
+
+    The /255 and HWC -> CHW happen here so training and inference cannot disagree on them."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        layers, in_ch, size = [], 3, config.image_size
+        for out_ch in config.conv_channels:
+            layers.append(nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=not config.batch_norm))  # BN has its own bias
+            layers += [nn.BatchNorm2d(out_ch)] if config.batch_norm else []
+            layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            in_ch, size = out_ch, size // 2
+        self.blocks = nn.Sequential(*layers)
+        self.image_size, self.out_dim = config.image_size, in_ch * size * size
+
+    def forward(self, image: Tensor) -> Tensor:
+        if image.ndim != 4 or tuple(image.shape[1:]) != (self.image_size, self.image_size, 3):
+            raise ValueError(f"expected images [B, {self.image_size}, {self.image_size}, 3], got {tuple(image.shape)}")
+        x = image.permute(0, 3, 1, 2).float() / 255  # [B, 3, S, S]; a channels_last view, no copy
+        return self.blocks(x).flatten(1)  # [B, C, S/2^n, S/2^n] -> [B, out_dim]
+
+
+class TextLSTMAttention(nn.Module):
+    """Right-padded token ids [B, L] (0 = padding) -> (features [B, out_dim], attention [B, L]).
+
+    Attention is additive (Bahdanau): score_t = v^T tanh(W h_t + b), softmax over the real tokens only.
+    A text with no tokens gets all-zero attention and all-zero features rather than NaN."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed = nn.Embedding(config.vocab_size, config.embed_dim, padding_idx=0)
+        self.lstm = nn.LSTM(
+            config.embed_dim, config.lstm_hidden, num_layers=config.lstm_layers, batch_first=True,
+            bidirectional=config.bidirectional, dropout=config.dropout if config.lstm_layers > 1 else 0.0,
+        )
+        self.out_dim = config.lstm_hidden * (2 if config.bidirectional else 1)
+        self.attn_proj = nn.Linear(self.out_dim, self.out_dim)  # W, b
+        self.attn_score = nn.Linear(self.out_dim, 1, bias=False)  # v; a bias would cancel in the softmax
+
+    def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        B, L = tokens.shape
+        lengths = (tokens != 0).sum(1)  # [B]
+        # Packing makes the LSTM stop at each text's end, so trailing padding cannot change its output.
+        # Empty texts are run for one (padding) step to keep pack_padded_sequence happy; the mask drops it.
+        packed = pack_padded_sequence(
+            self.embed(tokens), lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
+        )
+        h, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=L)  # [B, L, D]
+        scores = self.attn_score(torch.tanh(self.attn_proj(h))).squeeze(-1)  # [B, L]
+        mask = torch.arange(L, device=tokens.device) < lengths[:, None]  # [B, L], True on real tokens
+        # finfo.min rather than -inf: an all-masked row then softmaxes to finite values instead of NaN,
+        # and multiplying by the mask sets padding (and empty rows) to exactly 0.
+        scores = scores.float().masked_fill(~mask, torch.finfo(torch.float32).min)
+        weights = F.softmax(scores, dim=1) * mask  # [B, L]
+        features = torch.bmm(weights.unsqueeze(1).to(h.dtype), h).squeeze(1)  # [B, D]
+        return features, weights
+
+
+class FusionClassifier(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.image = ImageCNN(config) if config.mode in ("fusion", "image") else None
+        self.text = TextLSTMAttention(config) if config.mode in ("fusion", "text") else None
+        in_dim = sum(branch.out_dim for branch in (self.image, self.text) if branch is not None)
+        layers = []
+        for dim in config.fc_dims:
+            layers += [nn.Dropout(config.dropout), nn.Linear(in_dim, dim), nn.ReLU(inplace=True)]
+            in_dim = dim
+        self.head = nn.Sequential(*layers, nn.Dropout(config.dropout), nn.Linear(in_dim, config.num_classes))
+        self.apply(_init_weights)
+        # Near-zero logits at the start: the initial loss is ln(num_classes), not a confident guess.
+        nn.init.normal_(self.head[-1].weight, std=0.01)
+
+    def forward(self, image: Tensor | None, tokens: Tensor | None) -> Tensor:
+        return self.forward_with_attention(image, tokens)[0]
+
+    def forward_with_attention(self, image: Tensor | None, tokens: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        features, attention = [], None
+        if self.image is not None:
+            features.append(self.image(image))  # [B, F]
+        if self.text is not None:
+            text_features, attention = self.text(tokens)  # [B, D], [B, L]
+            features.append(text_features)
+        return self.head(torch.cat(features, dim=1)), attention  # [B, num_classes], [B, L] | None
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        # He init: every conv and hidden FC feeds a ReLU (the attention's tanh copes with it too).
+        nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.1)
+        with torch.no_grad():
+            module.weight[module.padding_idx].zero_()  # padding embeds to 0
+    elif isinstance(module, nn.LSTM):
+        for name, param in module.named_parameters():
+            if name.startswith("weight_ih"):
+                nn.init.xavier_uniform_(param)
+            elif name.startswith("weight_hh"):
+                nn.init.orthogonal_(param)  # keeps the recurrence's gain near 1 over many steps
+            else:  # biases, gates ordered (input, forget, cell, output): forget bias 1 remembers by default
+                nn.init.zeros_(param)
+                if name.startswith("bias_ih"):
+                    param.data[module.hidden_size : 2 * module.hidden_size] = 1.0
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_sample(config: ModelConfig, seq_len: int = DEFAULT_SEQ_LEN) -> int:
+    """2 x multiply-adds of one sample's forward pass: convs, LSTM at full length `seq_len`
+    (packing skips padding, so real texts cost less), attention and FC layers. Bias adds,
+    activations, pooling, BatchNorm, softmax and the embedding lookup are left out (<1%)."""
+    macs = 0
+    if config.mode in ("fusion", "image"):
+        in_ch, size = 3, config.image_size
+        for out_ch in config.conv_channels:
+            macs += size * size * out_ch * in_ch * 9  # 'same' conv at full resolution, before the pool
+            in_ch, size = out_ch, size // 2
+        features = in_ch * size * size
+    else:
+        features = 0
+    if config.mode in ("fusion", "text"):
+        H, directions = config.lstm_hidden, 2 if config.bidirectional else 1
+        in_dim = config.embed_dim
+        for _ in range(config.lstm_layers):
+            macs += seq_len * directions * 4 * H * (in_dim + H)  # four gates, input + recurrent matmuls
+            in_dim = directions * H
+        macs += seq_len * (in_dim * in_dim + in_dim + in_dim)  # W h_t, v^T tanh(.), weighted sum
+        features += in_dim
+    for dim in (*config.fc_dims, config.num_classes):
+        macs += features * dim
+        features = dim
+    return 2 * macs

@@ -1,0 +1,124 @@
+"""`evaluate`: a model bundle on a prepared split (or raw labeled shards preprocessed with the
+bundle's own settings) -> metrics.json, per_class.csv, confusion_matrix.png, training_curves.png."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+
+from raypipe import plots, schema
+from raypipe.bundle import load_bundle
+from raypipe.config import DataSections, EvaluateConfig, ImageConfig, PredictSection, TextConfig
+from raypipe.io import fs as rfs
+from raypipe.metrics import confusion_matrix, per_class, summary
+from raypipe.pipeline.cluster import init_ray
+from raypipe.pipeline.predict import PREDICTED_ID, BundlePredictor
+from raypipe.pipeline.prepare import PREPARED_DIR, VOCAB_FILE, plan_prepare, prepared_dataset
+from raypipe.transforms.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
+
+
+class EvaluateError(RuntimeError):
+    """An evaluation that cannot run as configured."""
+
+
+def predictor_compute(predict: PredictSection, cluster: dict) -> dict:
+    """map_batches arguments for a predictor actor pool that cannot take every CPU."""
+    from ray.data import ActorPoolStrategy
+
+    if predict.use_gpu:
+        gpus = int(cluster.get("GPU", 0))
+        if gpus < 1:
+            raise EvaluateError("predict.use_gpu=true but the cluster has no GPU; set predict.use_gpu=false")
+        return {"compute": ActorPoolStrategy(min_size=1, max_size=predict.max_actors or gpus), "num_gpus": 1}
+    spare = max(1, int(cluster.get("CPU", 1)) - 1)
+    return {"compute": ActorPoolStrategy(min_size=1, max_size=predict.max_actors or spare), "num_cpus": 1}
+
+
+def _rows_to_evaluate(cfg: EvaluateConfig, bundle):
+    if cfg.prepared is not None:
+        root = rfs.resolve(cfg.prepared, cfg.storage)
+        if Vocabulary.from_json(rfs.read_text(root.join(VOCAB_FILE))) != bundle.vocab:
+            raise EvaluateError(
+                f"{cfg.prepared} was prepared with another vocabulary than the bundle's; evaluate the raw shards "
+                "instead (leave `prepared` unset) so they are preprocessed with the bundle's settings"
+            )
+        import ray.data
+
+        init_ray(cfg.ray)
+        prepared = root.join(PREPARED_DIR)
+        return ray.data.read_parquet(prepared.path, filesystem=prepared.fs)
+    sections = DataSections(
+        data=cfg.data,
+        labels=cfg.labels.model_copy(update={"classes": list(bundle.classes)}),
+        image=ImageConfig(**vars(bundle.image)),
+        text=TextConfig(**bundle.text.to_dict()),
+        split=cfg.split,
+        storage=cfg.storage,
+        ray=cfg.ray,
+    )
+    plan = plan_prepare(sections)
+    init_ray(cfg.ray)
+    return prepared_dataset(plan, bundle.vocab, bundle.classes)
+
+
+def _rows_of_split(batch: dict[str, np.ndarray], split: str) -> dict[str, np.ndarray]:
+    keep = batch[schema.SPLIT] == split
+    return {name: column[keep] for name, column in batch.items()}
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict:
+    import ray
+
+    bundle = load_bundle(cfg.bundle, cfg.storage)
+    output = rfs.resolve(cfg.output or f"{cfg.bundle.rstrip('/')}/evaluation", cfg.storage)
+    rows = _rows_to_evaluate(cfg, bundle)
+    if cfg.which_split != "all":
+        rows = rows.map_batches(_rows_of_split, fn_args=(cfg.which_split,), batch_format="numpy")
+    predictions = rows.map_batches(
+        BundlePredictor,
+        fn_constructor_args=(cfg.bundle, cfg.storage, cfg.predict.top_k),
+        batch_size=cfg.predict.batch_size,
+        batch_format="numpy",
+        **predictor_compute(cfg.predict, ray.cluster_resources()),
+    ).select_columns([schema.LABEL_ID, PREDICTED_ID, schema.STATUS])
+
+    n = len(bundle.classes)
+    confusion = np.zeros((n, n), dtype=np.int64)
+    skipped: dict[str, int] = {}
+    for batch in predictions.iter_batches(batch_format="numpy", batch_size=4096):
+        ok = batch[schema.STATUS] == schema.Status.OK.value
+        for status in batch[schema.STATUS][~ok]:
+            skipped[status] = skipped.get(status, 0) + 1
+        confusion += confusion_matrix(batch[schema.LABEL_ID][ok], batch[PREDICTED_ID][ok], n)
+    if confusion.sum() == 0:
+        raise EvaluateError(f"no labeled rows to evaluate in split {cfg.which_split!r} (skipped: {skipped})")
+
+    stats = per_class(confusion)
+    result = {
+        "bundle": cfg.bundle,
+        "identity": bundle.identity,
+        "split": cfg.which_split,
+        "rows": int(confusion.sum()),
+        "rows_skipped_by_status": skipped,
+        **summary(confusion),
+        "per_class": {
+            c: {k: round(float(stats[k][i]), 4) for k in ("precision", "recall", "f1", "support")}
+            for i, c in enumerate(bundle.classes)
+        },
+        "confusion": confusion.tolist(),
+    }
+    rfs.write_text(output.join("metrics.json"), json.dumps(result, indent=1, ensure_ascii=False))
+    table = ["class,precision,recall,f1,support"] + [
+        f"{c},{v['precision']},{v['recall']},{v['f1']},{int(v['support'])}" for c, v in result["per_class"].items()
+    ]
+    rfs.write_text(output.join("per_class.csv"), "\n".join(table) + "\n")
+    title = f"{bundle.model_config.mode} model, {cfg.which_split} split: accuracy {result['accuracy']:.3f}"
+    rfs.write_bytes(output.join("confusion_matrix.png"), plots.confusion_matrix(confusion, list(bundle.classes), title))
+    if bundle.metrics.get("history"):
+        rfs.write_bytes(output.join("training_curves.png"), plots.training_curves(bundle.metrics["history"], title))
+    result["output"] = output.url
+    return result

@@ -1,0 +1,352 @@
+"""`train`: the fusion model on Ray Train (TorchTrainer, DDP), with per-epoch checkpoints, resume
+and a model bundle from the best epoch.
+
+Data comes from a `prepare` output (decoded once) or is streamed from raw shards through the
+prepare stage. Each worker reads its shard with ``get_dataset_shard(...).iter_torch_batches``;
+validation metrics are summed over workers (all-reduce of the confusion matrix), so every worker
+takes the same early-stopping decision.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raypipe import schema
+from raypipe.bundle import Bundle, save_bundle
+from raypipe.config import ScalingSection, TrainConfig, dump_config
+from raypipe.io import fs as rfs
+from raypipe.metrics import confusion_matrix, summary
+from raypipe.model import FusionClassifier, ModelConfig
+from raypipe.pipeline.cluster import init_ray
+from raypipe.pipeline.prepare import (
+    CLASSES_FILE,
+    CONFIG_FILE,
+    PREPARED_DIR,
+    STATS_FILE,
+    VOCAB_FILE,
+    build_vocab_and_classes,
+    plan_prepare,
+    prepared_dataset,
+)
+from raypipe.transforms.image import ImageOptions
+from raypipe.transforms.split import TRAIN, VAL
+from raypipe.transforms.text import TextOptions
+from raypipe.transforms.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
+
+MODEL_COLUMNS = [schema.IMAGE, schema.TOKENS, schema.LABEL_ID]
+BUNDLE_DIR = "bundle"
+# Checkpoint files: the current state (to resume) and the best weights so far (for the bundle).
+CKPT_MODEL, CKPT_OPTIMIZER, CKPT_BEST, CKPT_PROGRESS = "model.pt", "optimizer.pt", "best_model.pt", "progress.json"
+
+
+class TrainError(RuntimeError):
+    """A training run that cannot start; the message says why and what to change."""
+
+
+@dataclass
+class TrainingData:
+    train: object  # ray.data.Dataset of (image, tokens, label_id)
+    val: object
+    vocab: Vocabulary
+    classes: tuple[str, ...]
+    image: ImageOptions
+    text: TextOptions
+    class_counts: dict[str, int]
+
+
+def rows_of_split(batch: dict[str, np.ndarray], split: str) -> dict[str, np.ndarray]:
+    """The usable rows of one split, with only the columns the model reads."""
+    keep = (batch[schema.STATUS] == schema.Status.OK.value) & (batch[schema.SPLIT] == split)
+    return {name: batch[name][keep] for name in MODEL_COLUMNS}
+
+
+def _split_datasets(ds) -> tuple[object, object]:
+    ds = ds.select_columns([*MODEL_COLUMNS, schema.STATUS, schema.SPLIT])
+    return tuple(ds.map_batches(rows_of_split, fn_args=(s,), batch_format="numpy") for s in (TRAIN, VAL))
+
+
+def load_training_data(cfg: TrainConfig) -> TrainingData:
+    """From a prepare output, or streamed from raw shards. Starts Ray only after the checks."""
+    import ray.data
+
+    if cfg.prepared is None:
+        plan = plan_prepare(cfg)
+        init_ray(cfg.ray)
+        vocab, classes, label_counts = build_vocab_and_classes(plan)
+        train, val = _split_datasets(prepared_dataset(plan, vocab, classes))
+        return TrainingData(train, val, vocab, classes, cfg.image.options(), cfg.text.options(), label_counts)
+
+    root = rfs.resolve(cfg.prepared, cfg.storage)
+    vocab = Vocabulary.from_json(rfs.read_text(root.join(VOCAB_FILE)))
+    classes = tuple(json.loads(rfs.read_text(root.join(CLASSES_FILE))))
+    prepare_cfg = json.loads(rfs.read_text(root.join(CONFIG_FILE)))
+    counts = json.loads(rfs.read_text(root.join(STATS_FILE))).get("ok_by_class", {})
+    if not classes:
+        raise TrainError(f"{cfg.prepared} has no classes (prepared with labels.source=none?); training needs labels")
+    init_ray(cfg.ray)
+    prepared = root.join(PREPARED_DIR)
+    train, val = _split_datasets(ray.data.read_parquet(prepared.path, filesystem=prepared.fs))
+    image = ImageOptions(**prepare_cfg["image"])
+    text = TextOptions.from_dict(prepare_cfg["text"])
+    return TrainingData(train, val, vocab, classes, image, text, counts)
+
+
+def plan_worker_resources(scaling: ScalingSection, cluster: dict) -> dict:
+    """CPUs (and GPUs) per worker such that the trainer never takes every CPU: Ray Data needs one to
+    feed it, and a trainer that starves its own input pipeline hangs without an error."""
+    cpus, gpus, n = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0), scaling.num_workers
+    if scaling.use_gpu and gpus < n:
+        raise TrainError(
+            f"scaling.use_gpu=true asks for {n} GPU worker(s); the cluster has {gpus:g} GPU(s). "
+            "Start GPU nodes (see docs/cluster.md) or set scaling.use_gpu=false."
+        )
+    per_worker = scaling.cpus_per_worker or min(1.0, (cpus - 1) / n)
+    if per_worker <= 0 or per_worker * n > cpus - 0.5:
+        raise TrainError(
+            f"{n} worker(s) x {per_worker:g} CPU leaves no CPU for data loading on a cluster with {cpus:g} CPUs; "
+            "lower scaling.num_workers or scaling.cpus_per_worker, or add nodes."
+        )
+    resources = {"CPU": round(per_worker, 3)}
+    if scaling.use_gpu:
+        resources["GPU"] = 1
+    return resources
+
+
+def class_weights(classes: tuple[str, ...], counts: dict[str, int]) -> list[float]:
+    """Inverse-frequency weights, mean 1 over the classes seen (sklearn's 'balanced')."""
+    n = np.array([counts.get(c, 0) for c in classes], dtype=np.float64)
+    weights = np.where(n > 0, n.sum() / (len(classes) * np.maximum(n, 1)), 0.0)
+    return weights.tolist()
+
+
+# --- inside each Ray Train worker ------------------------------------------------------------
+
+
+def _all_reduce(*tensors: torch.Tensor, maximum: bool = False) -> None:
+    """Sums (or maxima) over workers, in place; a no-op in a single process."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX if maximum else dist.ReduceOp.SUM)
+
+
+def _batches(shard, batch_size: int, device, shuffle_buffer: int = 0, seed: int | None = None):
+    return shard.iter_torch_batches(
+        batch_size=batch_size,
+        dtypes={schema.IMAGE: torch.uint8, schema.TOKENS: torch.int64, schema.LABEL_ID: torch.int64},
+        device=device,
+        local_shuffle_buffer_size=shuffle_buffer or None,
+        local_shuffle_seed=seed if shuffle_buffer else None,
+    )
+
+
+def _save_checkpoint(directory: str, model, optimizer, best_state: dict, progress: dict) -> None:
+    torch.save(model.state_dict(), os.path.join(directory, CKPT_MODEL))
+    torch.save(optimizer.state_dict(), os.path.join(directory, CKPT_OPTIMIZER))
+    torch.save(best_state, os.path.join(directory, CKPT_BEST))
+    Path(directory, CKPT_PROGRESS).write_text(json.dumps(progress))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(config["seed"] + rank)
+    device = ray.train.torch.get_device()
+    model = FusionClassifier(ModelConfig.from_dict(config["model"]))
+    progress = {"epoch": 0, "history": [], "best_epoch": None, "best_val_accuracy": -1.0, "stale_epochs": 0}
+    checkpoint = ray.train.get_checkpoint()
+    optimizer_state = best_state = None
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            model.load_state_dict(torch.load(os.path.join(directory, CKPT_MODEL), weights_only=True))
+            optimizer_state = torch.load(os.path.join(directory, CKPT_OPTIMIZER), weights_only=True)
+            best_state = torch.load(os.path.join(directory, CKPT_BEST), weights_only=True)
+            progress = json.loads(Path(directory, CKPT_PROGRESS).read_text())
+        if rank == 0:
+            print(f"resuming from the checkpoint after epoch {progress['epoch']}", flush=True)
+    raw_model = model
+    model = ray.train.torch.prepare_model(model)  # DDP: NCCL on GPU, gloo on CPU
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    use_amp = config["amp"] and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    weight = torch.tensor(config["class_weights"], device=device) if config["class_weights"] else None
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+    num_classes = config["model"]["num_classes"]
+    per_worker_batch = max(1, config["batch_size"] // world)
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+
+    for epoch in range(progress["epoch"], config["epochs"]):
+        started = time.perf_counter()
+        model.train()
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss x rows, rows
+        for batch in _batches(train_shard, per_worker_batch, device, config["shuffle_buffer"], config["seed"] + epoch):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                logits = model(batch[schema.IMAGE], batch[schema.TOKENS])
+                loss = loss_fn(logits.float(), batch[schema.LABEL_ID])
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            sums += torch.tensor([loss.item() * len(logits), len(logits)], dtype=torch.float64, device=device)
+        train_seconds = torch.tensor([time.perf_counter() - started], device=device)
+
+        model.eval()
+        val_sums = torch.zeros(2, dtype=torch.float64, device=device)
+        confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            for batch in _batches(val_shard, per_worker_batch * 4, device):
+                logits = model(batch[schema.IMAGE], batch[schema.TOKENS]).float()
+                labels = batch[schema.LABEL_ID]
+                val_sums += torch.tensor(
+                    [torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item(), len(labels)],
+                    dtype=torch.float64, device=device,
+                )
+                confusion += torch.bincount(
+                    labels * num_classes + logits.argmax(1), minlength=num_classes * num_classes
+                ).view(num_classes, num_classes)
+        _all_reduce(sums, val_sums, confusion)
+        _all_reduce(train_seconds, maximum=True)
+
+        scores = summary(confusion.cpu().numpy())
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": float(sums[0] / max(sums[1], 1)),
+            "val_loss": float(val_sums[0] / max(val_sums[1], 1)),
+            "val_accuracy": scores["accuracy"],
+            "val_macro_f1": scores["macro_f1"],
+            "train_samples_per_s": float(sums[1] / train_seconds[0]),
+            "epoch_seconds": round(time.perf_counter() - started, 2),
+            "train_rows": int(sums[1]),
+            "val_rows": int(val_sums[1]),
+        }
+        improved = metrics["val_accuracy"] > progress["best_val_accuracy"]
+        if improved:
+            progress.update(best_epoch=epoch + 1, best_val_accuracy=metrics["val_accuracy"], stale_epochs=0)
+            best_state = {k: v.detach().cpu().clone() for k, v in raw_model.state_dict().items()}
+        else:
+            progress["stale_epochs"] += 1
+        progress["epoch"] = epoch + 1
+        progress["history"].append(metrics)
+        patience = config["early_stopping_patience"]
+        stop = patience is not None and progress["stale_epochs"] >= patience
+        if rank == 0:
+            print(
+                f"epoch {epoch + 1}/{config['epochs']}  train_loss {metrics['train_loss']:.4f}  "
+                f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_accuracy']:.4f}  "
+                f"macro_f1 {metrics['val_macro_f1']:.4f}  {metrics['train_samples_per_s']:.0f} samples/s  "
+                f"{metrics['epoch_seconds']:.1f} s" + ("  *" if improved else "") + ("  (early stop)" if stop else ""),
+                flush=True,
+            )
+            with tempfile.TemporaryDirectory() as directory:
+                _save_checkpoint(directory, raw_model, optimizer, best_state, progress)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        else:
+            ray.train.report(metrics)
+        if stop:
+            break
+
+
+# --- on the driver ------------------------------------------------------------------------------
+
+
+def _run_storage(cfg: TrainConfig) -> tuple[str, object]:
+    """(storage_path, filesystem) for RunConfig; local paths are made absolute."""
+    loc = rfs.resolve(cfg.run.storage_path, cfg.storage)
+    return loc.path, loc.fs
+
+
+def run_train(cfg: TrainConfig) -> dict:
+    """Trains (or resumes) the run and writes the bundle of its best epoch; returns a summary."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    data = load_training_data(cfg)  # checks inputs, then starts Ray
+    resources = plan_worker_resources(cfg.scaling, ray.cluster_resources())
+    model_config = ModelConfig(
+        num_classes=len(data.classes),
+        vocab_size=len(data.vocab),
+        mode=cfg.model.mode,
+        image_size=data.image.size,
+        conv_channels=tuple(cfg.model.conv_channels),
+        batch_norm=cfg.model.batch_norm,
+        embed_dim=cfg.model.embed_dim,
+        lstm_hidden=cfg.model.lstm_hidden,
+        lstm_layers=cfg.model.lstm_layers,
+        bidirectional=cfg.model.bidirectional,
+        fc_dims=tuple(cfg.model.fc_dims),
+        dropout=cfg.model.dropout,
+    )
+    loop_config = {
+        "model": model_config.to_dict(),
+        "lr": cfg.optim.lr,
+        "batch_size": cfg.optim.batch_size,
+        "epochs": cfg.optim.epochs,
+        "weight_decay": cfg.optim.weight_decay,
+        "early_stopping_patience": cfg.optim.early_stopping_patience,
+        "class_weights": class_weights(data.classes, data.class_counts) if cfg.optim.class_weighting == "balanced" else None,
+        "shuffle_buffer": cfg.optim.shuffle_buffer,
+        "seed": cfg.optim.seed,
+        "amp": cfg.scaling.amp,
+    }
+    storage_path, storage_fs = _run_storage(cfg)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+        ),
+        datasets={"train": data.train, "val": data.val},
+    )
+    log.info(
+        "training %s on %d worker(s) x %s, %d classes, vocabulary %d",
+        cfg.model.mode, cfg.scaling.num_workers, resources, len(data.classes), len(data.vocab),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise TrainError(f"run {cfg.run.name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        best_state = torch.load(os.path.join(directory, CKPT_BEST), weights_only=True)
+        progress = json.loads(Path(directory, CKPT_PROGRESS).read_text())
+    best = progress["history"][progress["best_epoch"] - 1]
+    metrics = {
+        "best_epoch": progress["best_epoch"],
+        "best": best,
+        "epochs_run": progress["epoch"],
+        "history": progress["history"],
+        "config": dump_config(cfg),
+    }
+    bundle_url = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}/{BUNDLE_DIR}"
+    identity = save_bundle(
+        bundle_url,
+        cfg.storage,
+        Bundle(model_config, data.image, data.text, data.vocab, data.classes, best_state, metrics),
+    )
+    return {"bundle": bundle_url, "identity": identity, **{k: metrics[k] for k in ("best_epoch", "best", "epochs_run", "history")}}

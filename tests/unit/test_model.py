@@ -1,0 +1,155 @@
+import json
+
+import pytest
+import torch
+
+from raypipe.model import MODES, FusionClassifier, ModelConfig, count_parameters, flops_per_sample
+
+B, L, N, VOCAB = 4, 12, 5, 50
+# A small model for the tests that train or repeat forward passes; shape tests use the defaults.
+SMALL = dict(image_size=32, conv_channels=(8, 16), embed_dim=16, lstm_hidden=16, fc_dims=(32,))
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a benchmark may share the machine; the tensors here are small anyway
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_batch(b=B, size=64, lengths=None):
+    images = torch.randint(0, 256, (b, size, size, 3), dtype=torch.uint8)
+    tokens = torch.randint(1, VOCAB, (b, L), dtype=torch.int32)  # int32, as the prepare pass writes them
+    for row, n in enumerate(lengths if lengths is not None else [L, 7, 3, 1][:b]):
+        tokens[row, n:] = 0  # right padding
+    return images, tokens
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_output_shapes_per_mode_and_unused_input_may_be_none(mode):
+    model = FusionClassifier(ModelConfig(num_classes=N, vocab_size=VOCAB, mode=mode)).eval()
+    images, tokens = make_batch()
+    logits, attention = model.forward_with_attention(
+        images if mode != "text" else None, tokens if mode != "image" else None
+    )
+    assert logits.shape == (B, N) and logits.dtype == torch.float32
+    assert attention is None if mode == "image" else attention.shape == (B, L)
+    assert (model.image is None) == (mode == "text") and (model.text is None) == (mode == "image")
+    assert torch.equal(model(images, tokens), logits)  # the unused input is ignored when given
+
+
+def test_wrong_image_size_is_a_clear_error():
+    model = FusionClassifier(ModelConfig(num_classes=N, vocab_size=VOCAB, mode="image"))
+    with pytest.raises(ValueError, match=r"\[B, 64, 64, 3\]"):
+        model(torch.zeros(2, 32, 32, 3, dtype=torch.uint8), None)
+
+
+def test_attention_is_a_distribution_over_real_tokens_and_empty_rows_stay_finite():
+    model = FusionClassifier(ModelConfig(num_classes=N, vocab_size=VOCAB, mode="text", **SMALL))
+    _, tokens = make_batch(b=5, lengths=[L, 7, 3, 1, 0])  # the last row is all padding
+    logits, attention = model.forward_with_attention(None, tokens)
+    real = tokens != 0
+    assert torch.allclose(attention[:4].sum(1), torch.ones(4), atol=1e-6)
+    assert (attention[~real] == 0).all()  # exactly zero on padding, the empty row included
+    assert (attention[real] > 0).all()
+    assert torch.isfinite(logits).all() and torch.isfinite(attention).all()
+    logits.sum().backward()  # and its gradients stay finite too
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_uint8_and_float_images_on_the_same_0_255_scale_agree():
+    model = FusionClassifier(ModelConfig(num_classes=N, vocab_size=VOCAB, **SMALL)).eval()
+    images, tokens = make_batch(size=32)
+    assert torch.equal(model(images, tokens), model(images.float(), tokens))
+    assert not torch.allclose(model(images, tokens), model(images.float() / 255, tokens))  # 0-1 input differs
+
+
+@pytest.mark.parametrize("bidirectional,layers", [(False, 1), (True, 2)])
+def test_trailing_padding_does_not_change_the_output(bidirectional, layers):
+    config = ModelConfig(num_classes=N, vocab_size=VOCAB, bidirectional=bidirectional, lstm_layers=layers, **SMALL)
+    model = FusionClassifier(config).eval()
+    images, tokens = make_batch(size=32)
+    longer = torch.cat([tokens, torch.zeros(B, 9, dtype=tokens.dtype)], dim=1)
+    logits, attention = model.forward_with_attention(images, tokens)
+    logits_long, attention_long = model.forward_with_attention(images, longer)
+    assert torch.allclose(logits, logits_long, atol=1e-6)
+    assert torch.allclose(attention, attention_long[:, :L], atol=1e-6) and (attention_long[:, L:] == 0).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_small_batch_is_overfit(mode):
+    # Random labels: only memorising works. No dropout, so this checks capacity and gradient flow.
+    config = ModelConfig(num_classes=N, vocab_size=VOCAB, mode=mode, dropout=0.0, **SMALL)
+    model = FusionClassifier(config).train()
+    images, tokens = make_batch(b=16, size=32, lengths=torch.randint(1, L + 1, (16,)).tolist())
+    labels = torch.randint(0, N, (16,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        loss = torch.nn.functional.cross_entropy(model(images, tokens), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert abs(losses[0] - torch.log(torch.tensor(float(N)))) < 0.3  # near-uniform start
+    assert losses[-1] < 0.1 * losses[0], losses[::25]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("extras", [{}, dict(batch_norm=True, bidirectional=True, lstm_layers=2, fc_dims=(32, 16))])
+def test_every_parameter_gets_a_gradient(mode, extras):
+    config = ModelConfig(num_classes=N, vocab_size=VOCAB, mode=mode, **{**SMALL, **extras})
+    model = FusionClassifier(config).train()
+    images, tokens = make_batch(size=32)
+    torch.nn.functional.cross_entropy(model(images, tokens), torch.arange(B) % N).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name  # DDP needs no find_unused_parameters
+
+
+def test_config_round_trips_through_json_and_rejects_unknown_keys():
+    config = ModelConfig(num_classes=8, vocab_size=20000, mode="text", conv_channels=(16, 32), fc_dims=(64, 32))
+    d = json.loads(json.dumps(config.to_dict()))
+    assert d["conv_channels"] == [16, 32]
+    assert ModelConfig.from_dict(d) == config
+    with pytest.raises(ValueError, match="unknown ModelConfig key.*lstm_hiden"):
+        ModelConfig.from_dict({**d, "lstm_hiden": 64})
+    with pytest.raises(ValueError, match="mode"):
+        ModelConfig(num_classes=8, vocab_size=20000, mode="both")
+
+
+def test_state_dict_reloads_with_weights_only_to_identical_outputs(tmp_path):
+    config = ModelConfig(num_classes=N, vocab_size=VOCAB, batch_norm=True, **SMALL)  # BatchNorm: buffers too
+    model = FusionClassifier(config)
+    images, tokens = make_batch(size=32)
+    model(images, tokens)  # one training step's worth of BatchNorm running statistics
+    model.eval()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    fresh = FusionClassifier(ModelConfig.from_dict(config.to_dict()))
+    fresh.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    fresh.eval()
+    assert torch.equal(fresh(images, tokens), model(images, tokens))
+
+
+def test_runs_under_autocast():
+    model = FusionClassifier(ModelConfig(num_classes=N, vocab_size=VOCAB, **SMALL)).eval()
+    images, tokens = make_batch(size=32, lengths=[L, 5, 0, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, attention = model.forward_with_attention(images, tokens)
+    assert torch.isfinite(logits.float()).all() and (attention[tokens == 0] == 0).all()
+    assert torch.allclose(logits.float(), model(images, tokens), atol=0.05)
+
+
+def test_flops_and_parameter_counts():
+    config = ModelConfig(num_classes=3, vocab_size=VOCAB, mode="image", image_size=8, conv_channels=(2,), fc_dims=())
+    # conv: 8*8 positions x 2 out x 3 in x 9 taps; FC: (2*4*4) features x 3 classes; x2 for multiply + add
+    assert flops_per_sample(config) == 2 * (8 * 8 * 2 * 3 * 9 + 32 * 3)
+    assert count_parameters(FusionClassifier(config)) == (2 * 3 * 9 + 2) + (32 * 3 + 3)
+    for mode in MODES:
+        small, large = (ModelConfig(num_classes=8, vocab_size=20000, mode=mode, image_size=s) for s in (32, 64))
+        assert flops_per_sample(small) > 0
+        if mode == "text":
+            assert flops_per_sample(small) == flops_per_sample(large)  # no image branch
+        else:
+            assert flops_per_sample(large) > flops_per_sample(small)
