@@ -252,6 +252,14 @@ class TrainConfig(DataSections):
     run: RunSection = Field(default_factory=RunSection, description="Run name, checkpoints, fault tolerance.")
 
 
+class AblationConfig(TrainConfig):
+    """jobs/ablation.py: the same training once per mode, on the same prepared split."""
+
+    modes: list[Literal["image", "text", "fusion"]] = Field(
+        ["image", "text", "fusion"], min_length=1, description="Model modes to train and compare."
+    )
+
+
 class PredictSection(Section):
     batch_size: int = Field(256, ge=1, description="Rows per model call.")
     max_actors: int | None = Field(

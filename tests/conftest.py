@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,10 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/imagekinds.py and friend
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # never probe for an instance profile
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset's albumentations checks online otherwise
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# Token authentication stays on (Ray's default); a client given an explicit cluster address must be
+# told, and Ray reads this when it is imported.
+os.environ["RAY_AUTH_MODE"] = "token"  # img2dataset's albumentations checks online otherwise
 
 
 def free_port() -> int:
@@ -68,13 +72,48 @@ def bucket(s3_endpoint) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class RayCluster:
+    address: str  # GCS address, for ray.init
+    dashboard: str  # job server, for `ray job submit --address`
+    env: dict  # environment of the cluster's processes (PATH with this venv first)
+
+
+def _stop_cluster(temp_dir: str) -> None:
+    """Stops only the processes of this cluster (`ray stop` would stop every Ray on the machine)."""
+    import psutil
+
+    procs = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+    for p in procs:
+        p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        p.kill()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(s3_endpoint):
-    """One local Ray cluster for the session, started after the S3 variables are set so workers
-    inherit them. 4 logical CPUs on 2 cores: read tasks and map tasks can never starve each other."""
+    """One `ray start --head` cluster for the session, with a job server, started after the S3
+    variables are set so its workers inherit them. 4 logical CPUs on 2 cores: read tasks, actors and
+    trainers can never starve each other."""
     import ray
 
-    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="rp-ray-", dir="/tmp"))
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
+    bin_dir = Path(sys.executable).parent
+    temp_dir = tempfile.mkdtemp(prefix="rp-ray-", dir="/tmp")
+    port, dashboard_port = free_port(), free_port()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run(
+        [str(bin_dir / "ray"), "start", "--head", f"--port={port}", "--num-cpus=4", f"--temp-dir={temp_dir}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+         "--disable-usage-stats"],
+        env=env, check=True, stdout=subprocess.DEVNULL,
+    )
+    try:
+        # The GCS listens on the node's IP, and Ray rewrites 127.0.0.1 to it anyway.
+        address = f"{ray.util.get_node_ip_address()}:{port}"
+        ray.init(address=address)
+        wait_for_port(dashboard_port)
+        yield RayCluster(address, f"http://127.0.0.1:{dashboard_port}", env)
+    finally:
+        ray.shutdown()
+        _stop_cluster(temp_dir)

@@ -93,7 +93,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         ok = batch[schema.STATUS] == schema.Status.OK.value
         for status in batch[schema.STATUS][~ok]:
             skipped[status] = skipped.get(status, 0) + 1
-        confusion += confusion_matrix(batch[schema.LABEL_ID][ok], batch[PREDICTED_ID][ok], n)
+        # Null predictions (rows that are not ok) make the column float; the ok rows are whole numbers.
+        confusion += confusion_matrix(batch[schema.LABEL_ID][ok], batch[PREDICTED_ID][ok].astype(np.int64), n)
     if confusion.sum() == 0:
         raise EvaluateError(f"no labeled rows to evaluate in split {cfg.which_split!r} (skipped: {skipped})")
 

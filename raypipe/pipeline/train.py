@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -158,6 +159,13 @@ def _save_checkpoint(directory: str, model, optimizer, best_state: dict, progres
     Path(directory, CKPT_PROGRESS).write_text(json.dumps(progress))
 
 
+def _say(line: str) -> None:
+    """One progress line to the driver's console. (Ray Train patches print() to log through the root
+    logger, which shows every line twice.)"""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -177,7 +185,7 @@ def train_loop_per_worker(config: dict) -> None:
             best_state = torch.load(os.path.join(directory, CKPT_BEST), weights_only=True)
             progress = json.loads(Path(directory, CKPT_PROGRESS).read_text())
         if rank == 0:
-            print(f"resuming from the checkpoint after epoch {progress['epoch']}", flush=True)
+            _say(f"resuming from the checkpoint after epoch {progress['epoch']}")
     raw_model = model
     model = ray.train.torch.prepare_model(model)  # DDP: NCCL on GPU, gloo on CPU
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
@@ -192,7 +200,9 @@ def train_loop_per_worker(config: dict) -> None:
     per_worker_batch = max(1, config["batch_size"] // world)
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
 
-    for epoch in range(progress["epoch"], config["epochs"]):
+    patience = config["early_stopping_patience"]
+    already_stopped = patience is not None and progress["stale_epochs"] >= patience
+    for epoch in range(progress["epoch"], 0 if already_stopped else config["epochs"]):
         started = time.perf_counter()
         model.train()
         sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss x rows, rows
@@ -244,15 +254,13 @@ def train_loop_per_worker(config: dict) -> None:
             progress["stale_epochs"] += 1
         progress["epoch"] = epoch + 1
         progress["history"].append(metrics)
-        patience = config["early_stopping_patience"]
         stop = patience is not None and progress["stale_epochs"] >= patience
         if rank == 0:
-            print(
+            _say(
                 f"epoch {epoch + 1}/{config['epochs']}  train_loss {metrics['train_loss']:.4f}  "
                 f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_accuracy']:.4f}  "
                 f"macro_f1 {metrics['val_macro_f1']:.4f}  {metrics['train_samples_per_s']:.0f} samples/s  "
-                f"{metrics['epoch_seconds']:.1f} s" + ("  *" if improved else "") + ("  (early stop)" if stop else ""),
-                flush=True,
+                f"{metrics['epoch_seconds']:.1f} s" + ("  *" if improved else "") + ("  (early stop)" if stop else "")
             )
             with tempfile.TemporaryDirectory() as directory:
                 _save_checkpoint(directory, raw_model, optimizer, best_state, progress)

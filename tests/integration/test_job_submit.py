@@ -1,0 +1,50 @@
+"""`ray job submit --working-dir . -- python jobs/...` against a `ray start --head` cluster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+AGENT_NOT_READY = "No available agent to submit job"
+
+
+def submit(cluster, *entrypoint: str, timeout: int = 600) -> str:
+    """Submits a job, waits for it, returns its output; fails the test unless it succeeded."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    deadline = time.monotonic() + 60
+    while True:  # the job agent comes up a few seconds after `ray start`
+        done = subprocess.run(
+            [ray_bin, "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO), "--", *entrypoint],
+            cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=timeout,
+        )
+        if AGENT_NOT_READY not in done.stdout + done.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert done.returncode == 0 and "succeeded" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_train_job_submitted_to_a_head_node(ray_cluster, tmp_path):
+    sample, prepared, runs = tmp_path / "sample", tmp_path / "prepared", tmp_path / "runs"
+    from raypipe.sample import SampleSpec, write_sample
+
+    write_sample(str(sample), SampleSpec(num_pairs=200, shard_size=100, image_size=(64, 64)))
+    submit(ray_cluster, "python", "jobs/prepare.py", f"data.input={sample / 'webdataset'}", f"output={prepared}")
+    out = submit(
+        ray_cluster, "python", "jobs/train.py", f"prepared={prepared}", f"run.storage_path={runs}", "run.name=submitted",
+        "optim.epochs=1", "model.conv_channels=[8]", "model.embed_dim=8", "model.lstm_hidden=8",
+    )
+    assert "epoch 1/1" in out
+    summary = json.loads([line for line in out.splitlines() if line.startswith('{"bundle"')][-1])
+    bundle = Path(summary["bundle"])
+    assert {"model.pt", "config.json", "vocab.json", "classes.json", "metrics.json"} <= {p.name for p in bundle.iterdir()}

@@ -1,0 +1,77 @@
+"""Ray Train end to end: 2 CPU workers, checkpoints in moto S3, resume, bundle, evaluate.
+
+Trainer runs cost ~30-60 s each here, so this module starts as few as it can and checks a lot per run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+from raypipe.bundle import load_bundle
+from raypipe.config import EvaluateConfig, PrepareConfig, StorageConfig, TrainConfig, load_config
+from raypipe.io.fs import resolve
+from raypipe.pipeline.evaluate import run_evaluate
+from raypipe.pipeline.prepare import run_prepare
+from raypipe.pipeline.train import TrainError, plan_worker_resources, run_train
+from raypipe.sample import SampleSpec, write_sample
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_cluster, tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("train-data")
+    write_sample(str(root / "sample"), SampleSpec(num_pairs=480, shard_size=160, image_size=(96, 96)))
+    out = root / "prepared"
+    run_prepare(load_config(PrepareConfig, None, [f"data.input={root / 'sample' / 'parquet'}", f"output={out}"]))
+    return str(out)
+
+
+def _list(url: str) -> list[str]:
+    loc = resolve(url, StorageConfig())
+    return [i.path for i in loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))]
+
+
+def test_two_workers_checkpoint_to_s3_resume_and_evaluate(prepared, bucket):
+    storage = f"s3://{bucket}/runs"
+    base = [f"prepared={prepared}", f"run.storage_path={storage}", "run.name=t2", "scaling.num_workers=2",
+            "optim.batch_size=32", "model.conv_channels=[8, 16]", "model.embed_dim=16", "model.lstm_hidden=16"]
+    first = run_train(load_config(TrainConfig, None, [*base, "optim.epochs=2"]))
+    assert first["epochs_run"] == 2 and len(first["history"]) == 2
+    assert all(h["train_rows"] > 300 and h["val_rows"] > 50 for h in first["history"])  # both workers' rows summed
+    assert first["history"][1]["train_loss"] < first["history"][0]["train_loss"]
+    checkpoints = [p for p in _list(f"{storage}/t2") if p.endswith("progress.json")]
+    assert len(checkpoints) == 2  # one per epoch, num_to_keep=2
+
+    # The same command with more epochs continues after epoch 2 instead of starting over.
+    second = run_train(load_config(TrainConfig, None, [*base, "optim.epochs=3"]))
+    assert second["epochs_run"] == 3
+    assert second["history"][:2] == first["history"]
+    assert len([p for p in _list(f"{storage}/t2") if p.endswith("progress.json")]) == 2  # oldest dropped
+
+    bundle = load_bundle(second["bundle"], StorageConfig())
+    assert bundle.identity == second["identity"] and bundle.model_config.mode == "fusion"
+    assert bundle.metrics["best_epoch"] == second["best_epoch"]
+    assert all(isinstance(v, torch.Tensor) for v in bundle.state_dict.values())
+
+    result = run_evaluate(load_config(EvaluateConfig, None, [f"bundle={second['bundle']}", f"prepared={prepared}"]))
+    # The evaluate job sees the validation split exactly as training's last validation pass did.
+    assert result["rows"] == second["best"]["val_rows"]
+    assert result["accuracy"] == pytest.approx(second["best"]["val_accuracy"])
+    out = resolve(result["output"], StorageConfig())
+    assert json.loads(out.fs.open_input_stream(f"{out.path}/metrics.json").read())["rows"] == result["rows"]
+    assert out.fs.open_input_stream(f"{out.path}/confusion_matrix.png").read()[:4] == b"\x89PNG"
+
+
+def test_worker_resources_leave_a_cpu_for_data():
+    scaling = load_config(TrainConfig, None, ["scaling.num_workers=2"]).scaling
+    assert plan_worker_resources(scaling, {"CPU": 2.0}) == {"CPU": 0.5}
+    assert plan_worker_resources(scaling, {"CPU": 8.0}) == {"CPU": 1.0}
+    with pytest.raises(TrainError, match="leaves no CPU for data loading"):
+        plan_worker_resources(load_config(TrainConfig, None, ["scaling.cpus_per_worker=1", "scaling.num_workers=2"]).scaling, {"CPU": 2.0})
+    with pytest.raises(TrainError, match="has 0 GPU"):
+        plan_worker_resources(load_config(TrainConfig, None, ["scaling.use_gpu=true"]).scaling, {"CPU": 8.0})
