@@ -25,8 +25,14 @@ install-test: $(VENV)/.test
 nltk-data:
 	bash scripts/install_wordnet.sh $(PYTHON)
 
+DEMO_RUNS ?= $(HOME)/raypipe-runs
+DEMO_PREPARED ?= $(HOME)/.cache/raypipe/prepared
+
+# The built-in sample: prepare, train image-only / text-only / fusion on the same split, evaluate fusion.
 demo: install
-	$(PYTHON) jobs/prepare.py overwrite=true
+	$(PYTHON) jobs/prepare.py output=$(DEMO_PREPARED) overwrite=true
+	$(PYTHON) jobs/ablation.py prepared=$(DEMO_PREPARED) run.storage_path=$(DEMO_RUNS) run.name=demo optim.epochs=8
+	$(PYTHON) jobs/evaluate.py bundle=$(DEMO_RUNS)/demo-fusion/bundle prepared=$(DEMO_PREPARED)
 
 test: install-test
 	$(PYTHON) -m pytest

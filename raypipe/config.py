@@ -201,7 +201,7 @@ class ModelSection(Section):
 class OptimSection(Section):
     lr: float = Field(0.001, gt=0, description="Adam learning rate (the paper: 0.001).")
     batch_size: int = Field(32, ge=1, description="Global batch size, split across workers (the paper: 32).")
-    epochs: int = Field(20, ge=1, description="Maximum epochs (the paper: 100).")
+    epochs: int = Field(10, ge=1, description="Maximum epochs (the paper: 100; 10 keeps the built-in demo to minutes).")
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay (L2).")
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many epochs without a better validation accuracy (default: never)."
