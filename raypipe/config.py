@@ -160,17 +160,22 @@ class RayConfig(Section):
     progress_bars: bool = Field(True, description="Show Ray Data progress bars.")
 
 
-class DataSections(Section):
-    """What to read and how to preprocess it: shared by every job that reads raw pairs."""
+class ReadSections(Section):
+    """What to read and where it lives: shared by every job that reads raw pairs."""
 
     data: DataConfig = Field(default_factory=DataConfig, description="What to read.")
     labels: LabelConfig = Field(default_factory=LabelConfig, description="Where class labels come from.")
-    image: ImageConfig = Field(default_factory=ImageConfig, description="Image preprocessing.")
-    text: TextConfig = Field(default_factory=TextConfig, description="Text preprocessing.")
-    vocab: VocabConfig = Field(default_factory=VocabConfig, description="Vocabulary built from the training split.")
     split: SplitConfig = Field(default_factory=SplitConfig, description="Deterministic train/validation split.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Object-store settings.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster and execution settings.")
+
+
+class DataSections(ReadSections):
+    """Reading plus how to preprocess: the jobs that decide the preprocessing (prepare, train)."""
+
+    image: ImageConfig = Field(default_factory=ImageConfig, description="Image preprocessing.")
+    text: TextConfig = Field(default_factory=TextConfig, description="Text preprocessing.")
+    vocab: VocabConfig = Field(default_factory=VocabConfig, description="Vocabulary built from the training split.")
 
 
 class PrepareConfig(DataSections):
@@ -269,20 +274,18 @@ class PredictSection(Section):
     top_k: int = Field(3, ge=1, description="How many best classes (with scores) each row gets.")
 
 
-class EvaluateConfig(Section):
-    """jobs/evaluate.py: a bundle on a prepared split, or on raw labeled shards."""
+class EvaluateConfig(ReadSections):
+    """jobs/evaluate.py: a bundle on a prepared split, or on raw labeled shards preprocessed with the
+    bundle's own settings (so `data` is read only when `prepared` is unset)."""
 
     bundle: str = Field("~/raypipe-runs/raypipe-train/bundle", description="The model bundle to evaluate.")
     prepared: str | None = Field(
         None, description="A prepare output to evaluate on. Default: preprocess `data` with the bundle's settings."
     )
-    which_split: Literal["val", "train", "all"] = Field("val", description="Rows to evaluate.")
-    data: DataConfig = Field(default_factory=DataConfig, description="Raw labeled shards (when `prepared` is unset).")
-    labels: LabelConfig = Field(default_factory=LabelConfig, description="Where the true labels come from.")
-    split: SplitConfig = Field(default_factory=SplitConfig, description="Must match training to evaluate its split.")
+    which_split: Literal["val", "train", "all"] = Field(
+        "val", description="Rows to evaluate (the split settings must match training's)."
+    )
     predict: PredictSection = Field(default_factory=PredictSection, description="Inference settings.")
-    storage: StorageConfig = Field(default_factory=StorageConfig, description="Object-store settings.")
-    ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster and execution settings.")
     output: str | None = Field(None, description="Where metrics.json, per_class.csv and PNGs go. Default: <bundle>/evaluation.")
 
 

@@ -39,7 +39,6 @@ import functools
 import html
 import re
 import sys
-import threading
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -175,7 +174,6 @@ def _find_wordnet_file(name: str):
 
 
 _wordnet_ok = False
-_lock = threading.Lock()
 
 
 def ensure_wordnet() -> None:
@@ -272,16 +270,10 @@ class _Morphy:
         return None
 
 
-_morphy_tables: _Morphy | None = None
-
-
+@functools.cache
 def _tables() -> _Morphy:
-    global _morphy_tables
-    if _morphy_tables is None:
-        with _lock:
-            if _morphy_tables is None:
-                _morphy_tables = _Morphy()
-    return _morphy_tables
+    """Loaded once per process, on first use."""
+    return _Morphy()
 
 
 _CACHE_SIZE = 1 << 17  # distinct words per process; ~25 MB when full
@@ -293,7 +285,7 @@ def lemmatize_word(word: str) -> str:
     Non-ASCII words pass through."""
     if not word.isascii():
         return word
-    t = _morphy_tables or _tables()
+    t = _tables()
     lemma = t.morphy(word, "v")
     if lemma is not None and lemma != word:
         return lemma
@@ -386,21 +378,14 @@ class _Patterns:
         self.apostrophes = str.maketrans("", "", "'\u2019")
 
 
-_patterns_obj: _Patterns | None = None
-
-
+@functools.cache
 def _patterns() -> _Patterns:
-    global _patterns_obj
-    if _patterns_obj is None:
-        with _lock:
-            if _patterns_obj is None:
-                _patterns_obj = _Patterns()
-    return _patterns_obj
+    return _Patterns()
 
 
 def _words(text: str, truncated: bool = False) -> list[str]:
     """Clean ``text`` and split it into words (lowercase, letters only, apostrophes removed)."""
-    p = _patterns_obj or _patterns()
+    p = _patterns()
     if "&" in text:
         text = html.unescape(text)
     ascii_only = text.isascii()

@@ -34,15 +34,15 @@ def submit(cluster, *entrypoint: str, timeout: int = 600) -> str:
     return done.stdout
 
 
-def test_train_job_submitted_to_a_head_node(ray_cluster, tmp_path):
-    sample, prepared, runs = tmp_path / "sample", tmp_path / "prepared", tmp_path / "runs"
+def test_train_job_streaming_raw_shards_submitted_to_a_head_node(ray_cluster, tmp_path):
+    """Also the streaming path: no prepare output, raw img2dataset shards preprocessed while training."""
     from raypipe.sample import SampleSpec, write_sample
 
-    write_sample(str(sample), SampleSpec(num_pairs=200, shard_size=100, image_size=(64, 64)))
-    submit(ray_cluster, "python", "jobs/prepare.py", f"data.input={sample / 'webdataset'}", f"output={prepared}")
+    sample, runs = tmp_path / "sample", tmp_path / "runs"
+    write_sample(str(sample), SampleSpec(num_pairs=240, shard_size=120, image_size=(64, 64)))
     out = submit(
-        ray_cluster, "python", "jobs/train.py", f"prepared={prepared}", f"run.storage_path={runs}", "run.name=submitted",
-        "optim.epochs=1", "model.conv_channels=[8]", "model.embed_dim=8", "model.lstm_hidden=8",
+        ray_cluster, "python", "jobs/train.py", f"data.input={sample / 'webdataset'}", f"run.storage_path={runs}",
+        "run.name=submitted", "optim.epochs=1", "model.conv_channels=[8]", "model.embed_dim=8", "model.lstm_hidden=8",
     )
     assert "epoch 1/1" in out
     summary = json.loads([line for line in out.splitlines() if line.startswith('{"bundle"')][-1])

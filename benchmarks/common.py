@@ -1,0 +1,217 @@
+"""Small helpers shared by the benchmark scripts: machine info, timing, CPU accounting, JSON results.
+
+No Ray or torch import here: versions are read from package metadata so that asking for them does
+not start anything or slow the script down.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Iterator
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _mem_total_gb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
+def machine_info(packages: tuple[str, ...] = ("ray", "torch", "pillow", "pyarrow", "numpy")) -> dict:
+    """Where and with what a figure was measured (put it in every result file)."""
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_model": _cpu_model(),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "mem_total_gb": _mem_total_gb(),
+        "load_average_at_start": load_average(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {p: _version(p) for p in packages},
+    }
+    try:
+        from PIL import features
+
+        info["pillow_libjpeg_turbo"] = bool(features.check_feature("libjpeg_turbo"))
+    except Exception:  # an old Pillow without the feature flag
+        pass
+    return info
+
+
+class Timing:
+    """Wall and own-process CPU seconds of a ``with timed():`` block (filled in on exit)."""
+
+    wall_s: float = float("nan")
+    cpu_s: float = float("nan")
+
+
+@contextmanager
+def timed() -> Iterator[Timing]:
+    t = Timing()
+    w0, c0 = time.perf_counter(), time.process_time()
+    try:
+        yield t
+    finally:
+        t.wall_s = time.perf_counter() - w0
+        t.cpu_s = time.process_time() - c0
+
+
+def _proc_stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, utime+stime in seconds) of one process, from /proc/<pid>/stat."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()  # the command name may hold spaces and parentheses
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def _proc_name(pid: int) -> str:
+    """The process title (Ray workers set it: ``ray::IDLE``, ``ray::SomeActor``), else the command."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    first = argv[0].decode(errors="replace")
+    if first.startswith("ray::") or len(argv) < 2:
+        return first.strip()
+    # "python .../ray/_private/log_monitor.py ..." -> "log_monitor.py"; "/path/raylet" -> "raylet"
+    script = next((a.decode(errors="replace") for a in argv[1:] if a.endswith(b".py")), "")
+    return Path(script or first).name
+
+
+def process_tree(root: int | None = None) -> dict[int, tuple[str, float]]:
+    """``{pid: (name, own CPU seconds so far)}`` for ``root`` (default: this process) and its
+    descendants, e.g. a Ray driver with its raylet, GCS and workers."""
+    root = os.getpid() if root is None else root
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            st = _proc_stat(int(entry.name))
+            if st is not None:
+                stats[int(entry.name)] = st
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    tree, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            tree[pid] = (_proc_name(pid), stats[pid][1])
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def tree_cpu_seconds(root: int | None = None) -> float:
+    """CPU seconds used so far by the live processes of a tree (exited ones are not counted: the
+    raylet does not wait for its workers, so their time is lost; use ProcessSampler for phases)."""
+    return sum(cpu for _, cpu in process_tree(root).values())
+
+
+def system_cpu_seconds() -> float:
+    """Busy CPU seconds of the whole machine so far (all cores, every process: mind other work)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / _CLK_TCK
+
+
+class ProcessSampler:
+    """Samples a process tree in a thread while a phase runs: who was there and how much CPU it used.
+
+    ``with ProcessSampler() as s: ...`` then
+      ``s.names``  pid -> every name seen (a Ray worker renames itself: ``ray::IDLE`` -> ``ray::Actor``);
+      ``s.new``    pids that appeared during the phase (short-lived workers included, if they lived
+                   longer than ``interval_s``);
+      ``s.cpu_s``  CPU seconds of the tree during the phase, exited processes counted up to their
+                   last sample (so a slight undercount, at most ``interval_s`` per exited process).
+    Costs one /proc scan per interval (a few ms).
+    """
+
+    def __init__(self, root: int | None = None, interval_s: float = 0.5):
+        self.root, self.interval_s = root, interval_s
+        self.names: dict[int, set[str]] = {}
+        self._start: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        for pid, (name, cpu) in process_tree(self.root).items():
+            self.names.setdefault(pid, set()).add(name)
+            self._last[pid] = cpu
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    @property
+    def new(self) -> list[int]:
+        return [pid for pid in self.names if pid not in self._start]
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(cpu - self._start.get(pid, 0.0) for pid, cpu in self._last.items())
+
+    def __enter__(self) -> ProcessSampler:
+        self._sample()
+        self._start = dict(self._last)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def rate(count: float, seconds: float) -> float | None:
+    return round(count / seconds, 1) if seconds and seconds > 0 else None
+
+
+def write_results(name: str, results: dict, directory: Path = RESULTS_DIR) -> Path:
+    """``results`` plus machine info and the command line -> ``<directory>/<name>.json``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
+    payload = {"benchmark": name, "command": " ".join([Path(sys.executable).name, *sys.argv]), **results}
+    payload.setdefault("machine", machine_info())
+    path.write_text(json.dumps(payload, indent=1, ensure_ascii=False, default=str) + "\n")
+    return path
