@@ -33,6 +33,7 @@ demo: install
 	$(PYTHON) jobs/prepare.py output=$(DEMO_PREPARED) overwrite=true
 	$(PYTHON) jobs/ablation.py prepared=$(DEMO_PREPARED) run.storage_path=$(DEMO_RUNS) run.name=demo optim.epochs=8
 	$(PYTHON) jobs/evaluate.py bundle=$(DEMO_RUNS)/demo-fusion/bundle prepared=$(DEMO_PREPARED)
+	$(PYTHON) jobs/label.py bundle=$(DEMO_RUNS)/demo-fusion/bundle output=$(DEMO_RUNS)/demo-labels overwrite=true
 
 test: install-test
 	$(PYTHON) -m pytest

@@ -367,3 +367,67 @@ def load_config(model: type[C], yaml_path: str | Path | None = None, overrides: 
 def dump_config(config: BaseModel) -> dict:
     """The resolved config as plain data, for provenance files (holds no credentials by construction)."""
     return config.model_dump(mode="json")
+
+
+class LabelPredictSection(PredictSection):
+    use_gpu: bool | None = Field(
+        None, description="One GPU per predictor actor. Default: yes when the cluster has GPUs, else CPU actors."
+    )
+    cpus_per_actor: float = Field(
+        0.9,
+        gt=0,
+        le=64,
+        description="CPUs reserved per CPU predictor actor. Not exactly the 1 CPU of a preprocessing task, so Ray "
+        "keeps preprocessing in its own parallel task stage instead of fusing it into the actors.",
+    )
+
+
+# Columns the labeling output writes itself; passthrough columns must not reuse these names.
+LABEL_OUTPUT_COLUMNS = (
+    "key", "label", "label_id", "confidence", "top_k_labels", "top_k_scores", "status", "error_message",
+    "model", "source", "attention_words", "attention_weights",
+)
+
+
+class LabelJobConfig(ReadSections):
+    """jobs/label.py: label Parquet collections of image-text pairs (or img2dataset shards) with a model
+    bundle, preprocessing each pair with the bundle's own settings. One output directory per input file,
+    so a re-run after a crash finishes only what is missing (see docs/labeling.md)."""
+
+    labels: LabelConfig = Field(
+        default_factory=lambda: LabelConfig(source="none"),
+        description="Not used for labeling (inputs need no labels); kept so shared sections validate alike.",
+    )
+    bundle: str = Field("~/raypipe-runs/raypipe-train/bundle", description="The model bundle to label with (any URL).")
+    output: str = Field(
+        "~/.cache/raypipe/labels",
+        description="Where labels go (any URL): <output>/<input file stem>/part-*.parquet per input file, "
+        "plus _summary.json.",
+    )
+    overwrite: bool = Field(
+        False,
+        description="Relabel every input, also those whose output is already complete (and allow replacing "
+        "labels written by another bundle). Default: complete outputs are kept and skipped.",
+    )
+    explain: bool = Field(
+        False, description="Add attention_words / attention_weights: the words the text attention weighted most."
+    )
+    explain_words: int = Field(5, ge=1, le=64, description="How many words explain=true reports per row.")
+    predict: LabelPredictSection = Field(default_factory=LabelPredictSection, description="Inference settings.")
+    progress_interval_s: float = Field(10.0, gt=0, description="Seconds between progress lines while labeling.")
+    rows_per_part: int | None = Field(
+        None,
+        ge=1,
+        description="At most this many rows per output part file. Default: one part per Ray Data output block "
+        "(many thousand labeled rows).",
+    )
+
+    @field_validator("data")
+    @classmethod
+    def _usable_data(cls, data: DataConfig) -> DataConfig:
+        if data.limit is not None:
+            raise ValueError("data.limit is not supported by label (outputs are complete per input file)")
+        clashes = sorted(set(data.keep_columns) & set(LABEL_OUTPUT_COLUMNS))
+        if clashes:
+            raise ValueError(f"data.keep_columns {clashes} clash with output columns {list(LABEL_OUTPUT_COLUMNS)}")
+        return data

@@ -41,6 +41,7 @@ class Status(str, Enum):
     MISSING_LABEL = "missing_label"  # training row without a usable label
     UNKNOWN_LABEL = "unknown_label"  # label not in the configured class list
     DUPLICATE_KEY = "duplicate_key"  # second and later rows with the same key
+    MISSING_TEXT = "missing_text"  # labeling: no tokens left after cleaning, and the model reads text
 
 
 def new_status_columns(n: int) -> dict[str, np.ndarray]:

@@ -12,6 +12,7 @@ from raypipe.config import StorageConfig
 
 PREDICTED_ID, PREDICTED, CONFIDENCE = "predicted_id", "predicted", "confidence"
 TOP_K_LABELS, TOP_K_SCORES = "top_k_labels", "top_k_scores"
+ATTENTION_WORDS, ATTENTION_WEIGHTS = "attention_words", "attention_weights"  # explain_words > 0 only
 
 
 class BundlePredictor:
@@ -19,8 +20,14 @@ class BundlePredictor:
     predictions, as an Arrow table with explicit types. Rows whose status is not ok never reach the
     model and get null predictions."""
 
-    def __init__(self, bundle_url: str, storage: StorageConfig, top_k: int = 3, device: str | None = None):
+    def __init__(
+        self, bundle_url: str, storage: StorageConfig, top_k: int = 3, device: str | None = None, explain_words: int = 0
+    ):
+        """``explain_words`` > 0 adds, for models that read text, the words the attention weighted most
+        (vocabulary tokens, ``<unk>`` for words outside it) and their weights, most weighted first."""
         self.bundle = load_bundle(bundle_url, storage)
+        self.explain_words = explain_words if self.bundle.model_config.mode in ("fusion", "text") else 0
+        self.vocab_tokens = self.bundle.vocab.tokens
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = self.bundle.build_model(self.device)
         self.classes = list(self.bundle.classes)
@@ -33,10 +40,14 @@ class BundlePredictor:
         ok = schema.ok_mask(batch)
         top_ids = np.zeros((0, self.top_k), dtype=np.int64)
         top_scores = np.zeros((0, self.top_k), dtype=np.float32)
+        explained: list[tuple[list[str], list[float]]] = []
         if ok.any():
             image = torch.from_numpy(np.ascontiguousarray(batch[schema.IMAGE][ok])).to(self.device)
             tokens = torch.from_numpy(np.ascontiguousarray(batch[schema.TOKENS][ok])).long().to(self.device)
-            probs = torch.softmax(self.model(image, tokens).float(), dim=1)
+            logits, attention = self.model.forward_with_attention(image, tokens)
+            probs = torch.softmax(logits.float(), dim=1)
+            if self.explain_words:
+                explained = self._explain(tokens.cpu().numpy(), attention.float().cpu().numpy())
             scores, ids = probs.topk(self.top_k, dim=1)
             top_ids, top_scores = ids.cpu().numpy(), scores.cpu().numpy()
         rows = iter(range(len(top_ids)))
@@ -55,5 +66,21 @@ class BundlePredictor:
         columns[TOP_K_SCORES] = pa.array(
             [None if r is None else top_scores[r].tolist() for r in which], pa.list_(pa.float32())
         )
+        if self.explain_words:
+            columns[ATTENTION_WORDS] = pa.array(
+                [None if r is None else explained[r][0] for r in which], pa.list_(pa.string())
+            )
+            columns[ATTENTION_WEIGHTS] = pa.array(
+                [None if r is None else explained[r][1] for r in which], pa.list_(pa.float32())
+            )
         assert all(len(c) == n for c in columns.values())
         return pa.table(columns)
+
+    def _explain(self, tokens: np.ndarray, attention: np.ndarray) -> list[tuple[list[str], list[float]]]:
+        """Per row: the real tokens with the largest attention weights, most weighted first."""
+        out = []
+        for ids, weights in zip(tokens, attention):
+            real = np.flatnonzero(ids != 0)
+            order = real[np.argsort(-weights[real], kind="stable")][: self.explain_words]
+            out.append(([self.vocab_tokens[ids[i]] for i in order], [float(weights[i]) for i in order]))
+        return out

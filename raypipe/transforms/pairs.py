@@ -89,3 +89,42 @@ class PairPreparer:
         token_lists = [self.normalizer.tokens(t) for t in batch[schema.TEXT]]
         batch[schema.TOKENS], batch[schema.LENGTH] = encode_tokens(token_lists, self.token_to_id, self.text.max_len)
         return batch
+
+
+class ModelInputPreparer:
+    """Normalized pair rows -> model inputs for labeling, aware of which inputs the model reads.
+
+    The same transforms as ``PairPreparer`` (so a pair is preprocessed exactly as in training), but:
+    a text-only model does not decode images (a bad image cannot fail its row), an image-only model
+    never fails a row for its text, and a model that reads text fails a row whose text has no tokens
+    left after cleaning with ``missing_text``. No labels and no split: ``label`` is None and
+    ``label_id`` -1 on every row. ``PairPreparer`` (prepare, train) is unchanged."""
+
+    def __init__(self, image: ImageOptions, text: TextOptions, token_to_id: dict[str, int], mode: str = "fusion"):
+        if mode not in ("fusion", "image", "text"):
+            raise ValueError(f"mode must be fusion, image or text, got {mode!r}")
+        self.image, self.text, self.mode = image, text, mode
+        self.normalizer = TextNormalizer(text)
+        self.token_to_id = token_to_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch[schema.KEY])
+        schema.ensure_status_columns(batch)
+        batch[schema.LABEL] = np.full(n, None, dtype=object)
+        batch[schema.LABEL_ID] = np.full(n, -1, dtype=np.int64)
+        if self.mode == "text":  # img2dataset's failed downloads still have their caption
+            for i in np.flatnonzero(batch[schema.STATUS] == schema.Status.NOT_DOWNLOADED.value):
+                batch[schema.STATUS][i], batch[schema.ERROR_MESSAGE][i] = schema.Status.OK.value, None
+        token_lists = [self.normalizer.tokens(t) for t in batch[schema.TEXT]]
+        if self.mode in ("fusion", "image"):
+            batch = preprocess_images(batch, self.image)
+        else:
+            batch[schema.IMAGE] = np.zeros((n, self.image.size, self.image.size, 3), dtype=np.uint8)
+        if self.mode in ("fusion", "text"):
+            for i, tokens in enumerate(token_lists):
+                if not tokens:
+                    text = batch[schema.TEXT][i]
+                    detail = "text is empty" if not text else f"no words left after cleaning {str(text)[:60]!r}"
+                    schema.mark_failed(batch, i, schema.Status.MISSING_TEXT, f"{detail}; the {self.mode} model reads text")
+        batch[schema.TOKENS], batch[schema.LENGTH] = encode_tokens(token_lists, self.token_to_id, self.text.max_len)
+        return batch

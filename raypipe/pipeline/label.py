@@ -1,0 +1,468 @@
+"""`label`: a model bundle over large collections of image-text pairs -> one labeled row per input row.
+
+Output layout (at ``config.output``, any URL)::
+
+    <name>/part-<uuid>.parquet   the rows of one input file (<name>: the file's stem), any number of parts
+    _job.json                    which bundle (identity) writes here; another bundle needs overwrite=true
+    _summary.json                rows in / labeled / per status, files done / skipped, throughput
+
+Restartable by construction (planned on the driver, before Ray starts):
+
+* the expected row count of each input file comes from its Parquet footer (img2dataset tars: from
+  the ``.parquet`` img2dataset writes beside each tar, which lists failed downloads too);
+* an input is *complete* when its output parts are all readable, hold exactly the expected number of
+  rows, and their keys are the input's keys, each exactly once;
+* complete inputs are skipped (unless ``overwrite=true``); the output of any other input is deleted
+  and the input labeled again. Part names are unique per write (uuid), so a retried task never
+  overwrites a part: it can only add one, which the completeness check then catches.
+
+So a re-run after a crash at any point finishes with no duplicates and no gaps.
+
+Pipeline: read (Ray Data read tasks) -> ``ModelInputPreparer`` in map tasks (CPU, the bundle's own
+image / text settings and vocabulary) -> ``BundlePredictor`` in an autoscaling actor pool (the bundle
+loaded once per actor) -> a write stage (map tasks) that writes each input file's rows to its own
+directory and returns row counts, which the driver turns into progress lines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import posixpath
+import sys
+import tarfile
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from raypipe import schema
+from raypipe.bundle import Bundle, load_bundle
+from raypipe.config import LabelJobConfig, dump_config
+from raypipe.io import fs as rfs
+from raypipe.io.readers import InputPlan, plan_inputs, read_pairs
+from raypipe.pipeline import predict
+from raypipe.pipeline.cluster import init_ray
+from raypipe.pipeline.prepare import ensure_default_sample
+from raypipe.schema import Status
+from raypipe.transforms.pairs import ModelInputPreparer
+from raypipe.transforms.text import ensure_wordnet
+
+log = logging.getLogger(__name__)
+
+JOB_FILE, SUMMARY_FILE = "_job.json", "_summary.json"
+PART_PREFIX = "part-"
+# Labeling output columns (the "Labeling output" contract of design.md).
+LABEL, LABEL_ID, CONFIDENCE = "label", "label_id", "confidence"
+TOP_K_LABELS, TOP_K_SCORES = predict.TOP_K_LABELS, predict.TOP_K_SCORES
+MODEL = "model"  # identity of the bundle that produced the row (sha256 prefix of its weights)
+ATTENTION_WORDS, ATTENTION_WEIGHTS = predict.ATTENTION_WORDS, predict.ATTENTION_WEIGHTS
+# Columns the write stage returns to the driver, one row per part file written.
+COUNT_NAME, COUNT_ROWS, COUNT_OK = "name", "rows", "ok"
+
+
+class LabelError(RuntimeError):
+    """A labeling run that cannot start or finish; the message says what to do."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure parts: names, output table, write of one batch
+
+
+def output_names(files: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """Input file path -> output directory name: the file's stem, made unique with a short hash of
+    the full path when two inputs share a stem (a/x.parquet and b/x.parquet)."""
+    stems = {path: posixpath.splitext(posixpath.basename(path))[0] or "input" for path in files}
+    counts = Counter(stems.values())
+    return {
+        path: stem if counts[stem] == 1 else f"{stem}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+        for path, stem in stems.items()
+    }
+
+
+def output_schema(passthrough: dict[str, pa.DataType | None], explain: bool) -> pa.Schema:
+    """The labeling output's columns, in order. A passthrough type of None is taken from the data."""
+    fields = [pa.field(schema.KEY, pa.string())]
+    fields += [pa.field(name, t if t is not None else pa.null()) for name, t in passthrough.items()]
+    fields += [
+        pa.field(LABEL, pa.string()),
+        pa.field(LABEL_ID, pa.int64()),
+        pa.field(CONFIDENCE, pa.float32()),
+        pa.field(TOP_K_LABELS, pa.list_(pa.string())),
+        pa.field(TOP_K_SCORES, pa.list_(pa.float32())),
+        pa.field(schema.STATUS, pa.string()),
+        pa.field(schema.ERROR_MESSAGE, pa.string()),
+        pa.field(MODEL, pa.string()),
+        pa.field(schema.SOURCE, pa.string()),
+    ]
+    if explain:
+        fields += [pa.field(ATTENTION_WORDS, pa.list_(pa.string())), pa.field(ATTENTION_WEIGHTS, pa.list_(pa.float32()))]
+    return pa.schema(fields)
+
+
+def to_output_table(predicted: pa.Table, out_schema: pa.Schema, model_identity: str) -> pa.Table:
+    """BundlePredictor's rows -> labeling output rows: predicted / predicted_id become label / label_id,
+    the model identity is added, columns are ordered and typed as ``out_schema`` (null-typed fields
+    there take the data's type, or string when a whole batch is null)."""
+    n = predicted.num_rows
+    renamed = {predict.PREDICTED: LABEL, predict.PREDICTED_ID: LABEL_ID}
+    source: dict[str, pa.ChunkedArray | pa.Array] = {}
+    for name in predicted.column_names:
+        if name in (LABEL, LABEL_ID):  # the input's own (ground truth) columns: not part of the output
+            continue
+        source[renamed.get(name, name)] = predicted.column(name)
+    source[MODEL] = pa.array([model_identity] * n, pa.string())
+    columns, fields = [], []
+    for f in out_schema:
+        column = source.get(f.name)
+        if column is None:
+            column = pa.nulls(n, f.type if not pa.types.is_null(f.type) else pa.string())
+        wanted = f.type
+        if pa.types.is_null(wanted):
+            wanted = pa.string() if pa.types.is_null(column.type) else column.type
+        if column.type != wanted:
+            if pa.types.is_floating(column.type) and not pa.types.is_floating(wanted):
+                # Ray hands a nullable integer column over as float with NaN for its nulls.
+                column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
+            column = column.cast(wanted)
+        columns.append(column)
+        fields.append(pa.field(f.name, wanted))
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
+
+
+def write_label_batch(
+    predicted: pa.Table, out: rfs.Location, names: dict[str, str], out_schema: pa.Schema, model_identity: str
+) -> pa.Table:
+    """Writes the rows of each input file in this batch to ``<out>/<name>/part-<uuid>.parquet``;
+    returns one count row per file written (name, rows, ok)."""
+    table = to_output_table(predicted, out_schema, model_identity)
+    sources = table.column(schema.SOURCE).to_pylist()
+    statuses = np.asarray(table.column(schema.STATUS).to_pylist(), dtype=object)
+    counts: dict[str, list] = {COUNT_NAME: [], COUNT_ROWS: [], COUNT_OK: []}
+    for source in dict.fromkeys(sources):
+        name = names.get(source) or names.get(_strip_scheme(source))
+        if name is None:
+            raise LabelError(f"row source {source!r} is not one of the planned inputs")
+        rows = np.flatnonzero(np.asarray(sources, dtype=object) == source)
+        part = table.take(pa.array(rows))
+        path = posixpath.join(out.path, name, f"{PART_PREFIX}{uuid.uuid4().hex}.parquet")
+        out.fs.create_dir(posixpath.dirname(path), recursive=True)
+        pq.write_table(part, path, filesystem=out.fs)
+        counts[COUNT_NAME].append(name)
+        counts[COUNT_ROWS].append(len(rows))
+        counts[COUNT_OK].append(int((statuses[rows] == Status.OK.value).sum()))
+    return pa.table(
+        {
+            COUNT_NAME: pa.array(counts[COUNT_NAME], pa.string()),
+            COUNT_ROWS: pa.array(counts[COUNT_ROWS], pa.int64()),
+            COUNT_OK: pa.array(counts[COUNT_OK], pa.int64()),
+        }
+    )
+
+
+def _strip_scheme(path: str) -> str:
+    return path.split("://", 1)[1] if "://" in path else path
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver: expected rows, completeness of outputs
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str  # as listed by plan_inputs (the rows' `source`)
+    name: str  # output directory name
+    expected_rows: int
+    metadata: str | None = None  # webdataset: img2dataset's .parquet beside the tar
+
+
+def _tar_keys(filesystem: pafs.FileSystem, path: str) -> list[str]:
+    """Sample keys of a WebDataset tar (member name up to the first dot of its base name)."""
+    keys: dict[str, None] = {}
+    with filesystem.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            if member.isfile():
+                base = posixpath.basename(member.name)
+                if not base.startswith("."):
+                    keys[base.split(".", 1)[0]] = None
+    return list(keys)
+
+
+def _parallel(fn, items: list) -> list:
+    if len(items) < 2:
+        return [fn(i) for i in items]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(fn, items))
+
+
+def input_files(plan: InputPlan) -> list[InputFile]:
+    """Each input file with its expected row count (from Parquet footers; tars: the sibling .parquet,
+    else the tar's own listing)."""
+    names = output_names(plan.files)
+    metadata = {posixpath.splitext(m)[0]: m for m in plan.metadata_files}
+
+    def count(path: str) -> InputFile:
+        meta = metadata.get(posixpath.splitext(path)[0]) if plan.format == "webdataset" else None
+        if plan.format == "webdataset" and meta is None:
+            rows = len(_tar_keys(plan.filesystem, path))
+        else:
+            rows = pq.ParquetFile(meta or path, filesystem=plan.filesystem).metadata.num_rows
+        return InputFile(path, names[path], rows, meta)
+
+    return _parallel(count, list(plan.files))
+
+
+def input_keys(plan: InputPlan, item: InputFile) -> Counter:
+    if plan.format == "webdataset":
+        if item.metadata is None:
+            return Counter(_tar_keys(plan.filesystem, item.path))
+        column = "key"
+    else:
+        column = plan.columns.key
+    keys = pq.read_table(item.metadata or item.path, columns=[column], filesystem=plan.filesystem).column(0)
+    return Counter(str(k) for k in keys.to_pylist())
+
+
+@dataclass
+class OutputState:
+    files: list[str] = field(default_factory=list)
+    rows: int = 0
+    readable: bool = True
+
+    def describe(self, expected: int) -> str:
+        if not self.files:
+            return "no output"
+        if not self.readable:
+            return "an unreadable (partial) part file"
+        return f"{self.rows} of {expected} rows"
+
+
+def output_state(out: rfs.Location, name: str) -> OutputState:
+    infos = out.fs.get_file_info(pafs.FileSelector(out.join(name).path, recursive=True, allow_not_found=True))
+    state = OutputState(files=sorted(i.path for i in infos if i.type == pafs.FileType.File))
+    for path in state.files:
+        try:
+            state.rows += pq.ParquetFile(path, filesystem=out.fs).metadata.num_rows
+        except (OSError, pa.ArrowInvalid):
+            state.readable = False
+    return state
+
+
+def is_complete(plan: InputPlan, out: rfs.Location, item: InputFile, state: OutputState) -> bool:
+    """Readable parts, the expected number of rows, and exactly the input's keys (each once)."""
+    if not state.files or not state.readable or state.rows != item.expected_rows:
+        return False
+    if any(not p.endswith(".parquet") for p in state.files):
+        return False
+    found = Counter()
+    for path in state.files:
+        found.update(pq.read_table(path, columns=[schema.KEY], filesystem=out.fs).column(0).to_pylist())
+    return found == input_keys(plan, item)
+
+
+# --------------------------------------------------------------------------------------------------
+# The job
+
+
+@dataclass(frozen=True)
+class LabelPlan:
+    cfg: LabelJobConfig
+    bundle: Bundle
+    inputs: InputPlan
+    files: tuple[InputFile, ...]
+    pending: tuple[InputFile, ...]
+    skipped: tuple[InputFile, ...]
+    out: rfs.Location
+    out_schema: pa.Schema
+
+
+def _passthrough_types(plan: InputPlan, keep: list[str]) -> dict[str, pa.DataType | None]:
+    if not keep:
+        return {}
+    if plan.format == "webdataset":  # from each sample's .json: types are whatever the data holds
+        return {name: None for name in keep}
+    file_schema = pq.read_schema(plan.files[0], filesystem=plan.filesystem)
+    return {name: file_schema.field(name).type for name in keep}
+
+
+def _check_job_file(cfg: LabelJobConfig, out: rfs.Location, bundle: Bundle) -> None:
+    job = out.join(JOB_FILE)
+    if rfs.exists(job) and not cfg.overwrite:
+        previous = json.loads(rfs.read_text(job))
+        if previous.get("model") != bundle.identity:
+            raise LabelError(
+                f"{out.url} holds labels of another bundle (model {previous.get('model')}, {previous.get('bundle')}); "
+                f"this bundle is {bundle.identity}. Pass overwrite=true to relabel, or choose another output"
+            )
+
+
+def plan_label(cfg: LabelJobConfig) -> LabelPlan:
+    """Everything decided on the driver before Ray starts: inputs, expected rows, what is done."""
+    bundle = load_bundle(cfg.bundle, cfg.storage)
+    ensure_default_sample(cfg.data)
+    inputs = plan_inputs(cfg.data, cfg.storage, tuple(dict.fromkeys(cfg.data.keep_columns)))
+    if bundle.text.lemmatize:
+        ensure_wordnet()
+    out = rfs.resolve(cfg.output, cfg.storage)
+    _check_job_file(cfg, out, bundle)
+    files = input_files(inputs)
+    states = _parallel(lambda item: output_state(out, item.name), files)
+    pending, skipped = [], []
+    for item, state in zip(files, states):
+        if not cfg.overwrite and is_complete(inputs, out, item, state):
+            skipped.append(item)
+            continue
+        if state.files:
+            log.info("%s: relabeling (found %s)", item.path, state.describe(item.expected_rows))
+        pending.append(item)
+    out_schema = output_schema(_passthrough_types(inputs, list(dict.fromkeys(cfg.data.keep_columns))), cfg.explain)
+    return LabelPlan(cfg, bundle, inputs, tuple(files), tuple(pending), tuple(skipped), out, out_schema)
+
+
+def _pending_inputs(plan: LabelPlan) -> InputPlan:
+    paths = tuple(item.path for item in plan.pending)
+    metadata = tuple(item.metadata for item in plan.pending if item.metadata is not None)
+    return replace(plan.inputs, files=paths, metadata_files=metadata)
+
+
+def labeled_dataset(plan: LabelPlan):
+    """Lazily: the pending inputs' rows, preprocessed, predicted and written; yields count rows."""
+    import ray
+
+    cfg, bundle = plan.cfg, plan.bundle
+    preparer = ModelInputPreparer(bundle.image, bundle.text, bundle.vocab.token_to_id, bundle.model_config.mode)
+    keep = [schema.KEY, schema.IMAGE, schema.TOKENS, schema.SOURCE, schema.STATUS, schema.ERROR_MESSAGE,
+            *cfg.data.keep_columns]
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = cfg.predict.use_gpu if cfg.predict.use_gpu is not None else gpus > 0
+    from raypipe.pipeline.evaluate import predictor_compute
+
+    compute = predictor_compute(cfg.predict.model_copy(update={"use_gpu": use_gpu}), ray.cluster_resources())
+    if not use_gpu:
+        compute["num_cpus"] = cfg.predict.cpus_per_actor
+    names = {item.path: item.name for item in plan.pending}
+    names.update({_strip_scheme(p): n for p, n in list(names.items())})
+    return (
+        read_pairs(_pending_inputs(plan))
+        .map_batches(preparer, batch_size=cfg.ray.batch_size, batch_format="numpy", num_cpus=1)
+        .select_columns(list(dict.fromkeys(keep)))
+        .map_batches(
+            predict.BundlePredictor,
+            fn_constructor_args=(cfg.bundle, cfg.storage, cfg.predict.top_k, None,
+                                 cfg.explain_words if cfg.explain else 0),
+            batch_size=cfg.predict.batch_size,
+            batch_format="numpy",
+            **compute,
+        )
+        .map_batches(
+            write_label_batch,
+            fn_args=(plan.out, names, plan.out_schema, bundle.identity),
+            batch_size=cfg.rows_per_part,
+            batch_format="pyarrow",
+            num_cpus=0.25,
+        )
+    )
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def collect_summary(plan: LabelPlan) -> dict:
+    """Counts read back from the output (so they match it), with each input's completeness."""
+    by_status: Counter = Counter()
+    complete, incomplete = [], []
+    for item in plan.files:
+        state = output_state(plan.out, item.name)
+        (complete if is_complete(plan.inputs, plan.out, item, state) else incomplete).append(item)
+        for path in state.files:
+            try:
+                column = pq.read_table(path, columns=[schema.STATUS], filesystem=plan.out.fs).column(0)
+            except (OSError, pa.ArrowInvalid):
+                continue
+            by_status.update(column.to_pylist())
+    return {
+        "rows_in": sum(item.expected_rows for item in plan.files),
+        "rows_out": sum(by_status.values()),
+        "rows_labeled": by_status[Status.OK.value],
+        "by_status": dict(by_status.most_common()),
+        "files": {
+            "total": len(plan.files),
+            "labeled": len(plan.pending),
+            "skipped_complete": len(plan.skipped),
+            "complete": len(complete),
+            "incomplete": [item.path for item in incomplete],
+        },
+        "complete": not incomplete,
+    }
+
+
+def run_label(cfg: LabelJobConfig) -> dict:
+    started = time.perf_counter()
+    plan = plan_label(cfg)  # everything that can be checked without a cluster is checked first
+    bundle, out = plan.bundle, plan.out
+    for item in plan.pending:  # partial or stale outputs: labeled again from scratch
+        rfs.delete_dir(out.join(item.name))
+    rfs.write_text(
+        out.join(JOB_FILE),
+        json.dumps({"bundle": cfg.bundle, "model": bundle.identity, "mode": bundle.model_config.mode,
+                    "config": dump_config(cfg)}, indent=1),
+    )
+    pending_rows = sum(item.expected_rows for item in plan.pending)
+    _say(f"labeling {len(plan.pending)} of {len(plan.files)} input file(s) ({pending_rows} rows; "
+         f"{len(plan.skipped)} already complete) with {bundle.model_config.mode} model {bundle.identity} -> {out.url}")
+    rows_done = ok_done = 0
+    label_started = time.perf_counter()
+    if plan.pending:
+        init_ray(cfg.ray)
+        label_started = time.perf_counter()  # throughput without the cluster start
+        last = time.perf_counter()
+        for batch in labeled_dataset(plan).iter_batches(batch_format="numpy", batch_size=None):
+            rows_done += int(batch[COUNT_ROWS].sum())
+            ok_done += int(batch[COUNT_OK].sum())
+            now = time.perf_counter()
+            if now - last >= cfg.progress_interval_s:
+                last = now
+                rate = rows_done / max(now - label_started, 1e-9)
+                _say(f"  labeled {rows_done}/{pending_rows} rows ({ok_done} ok), {rate:.1f} pairs/s")
+    label_elapsed = time.perf_counter() - label_started
+    summary = collect_summary(plan)
+    elapsed = time.perf_counter() - started
+    summary.update(
+        rows_processed=rows_done,
+        elapsed_s=round(elapsed, 2),
+        labeling_s=round(label_elapsed, 2),
+        pairs_per_s=round(rows_done / label_elapsed, 1) if rows_done and label_elapsed else None,
+        output=out.url,
+        bundle=cfg.bundle,
+        model=bundle.identity,
+        mode=bundle.model_config.mode,
+        input_format=plan.inputs.format,
+    )
+    rfs.write_text(out.join(SUMMARY_FILE), json.dumps(summary, indent=1, ensure_ascii=False))
+    return summary
+
+
+def summary_lines(summary: dict) -> list[str]:
+    files = summary["files"]
+    rate = f"{summary['pairs_per_s']} pairs/s" if summary["pairs_per_s"] else "nothing to label"
+    lines = [
+        f"labeled {summary['rows_processed']} rows in {summary['elapsed_s']} s ({rate}) with "
+        f"{summary['mode']} model {summary['model']} -> {summary['output']}",
+        f"  files: {files['total']} ({files['labeled']} labeled now, {files['skipped_complete']} already complete, "
+        f"{len(files['incomplete'])} incomplete)",
+        f"  rows in: {summary['rows_in']}, rows out: {summary['rows_out']}, labeled (ok): {summary['rows_labeled']}",
+    ]
+    lines += [f"  {status}: {count}" for status, count in summary["by_status"].items() if status != Status.OK.value]
+    if files["incomplete"]:
+        lines.append(f"  INCOMPLETE: {', '.join(files['incomplete'][:5])}; run the same command again to finish")
+    return lines
