@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from raypipe.config import RayConfig
 
@@ -25,3 +26,10 @@ def init_ray(cfg: RayConfig) -> None:
         log.info("Ray cluster: %s CPUs, %s GPUs", resources.get("CPU", 0), resources.get("GPU", 0))
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars and os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") != "1"
+
+
+def say(line: str) -> None:
+    """One progress line on the driver's console. Written to stdout directly: Ray Train patches
+    print() to log through the root logger, which shows every line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import posixpath
-import sys
 import tarfile
 import time
 import uuid
@@ -50,7 +49,7 @@ from raypipe.config import LabelJobConfig, dump_config
 from raypipe.io import fs as rfs
 from raypipe.io.readers import InputPlan, plan_inputs, read_pairs
 from raypipe.pipeline import predict
-from raypipe.pipeline.cluster import init_ray
+from raypipe.pipeline.cluster import init_ray, say
 from raypipe.pipeline.prepare import ensure_default_sample
 from raypipe.schema import Status
 from raypipe.transforms.pairs import ModelInputPreparer
@@ -372,11 +371,6 @@ def labeled_dataset(plan: LabelPlan):
     )
 
 
-def _say(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
 def collect_summary(plan: LabelPlan) -> dict:
     """Counts read back from the output (so they match it), with each input's completeness."""
     by_status: Counter = Counter()
@@ -418,7 +412,7 @@ def run_label(cfg: LabelJobConfig) -> dict:
                     "config": dump_config(cfg)}, indent=1),
     )
     pending_rows = sum(item.expected_rows for item in plan.pending)
-    _say(f"labeling {len(plan.pending)} of {len(plan.files)} input file(s) ({pending_rows} rows; "
+    say(f"labeling {len(plan.pending)} of {len(plan.files)} input file(s) ({pending_rows} rows; "
          f"{len(plan.skipped)} already complete) with {bundle.model_config.mode} model {bundle.identity} -> {out.url}")
     rows_done = ok_done = 0
     label_started = time.perf_counter()
@@ -433,7 +427,7 @@ def run_label(cfg: LabelJobConfig) -> dict:
             if now - last >= cfg.progress_interval_s:
                 last = now
                 rate = rows_done / max(now - label_started, 1e-9)
-                _say(f"  labeled {rows_done}/{pending_rows} rows ({ok_done} ok), {rate:.1f} pairs/s")
+                say(f"  labeled {rows_done}/{pending_rows} rows ({ok_done} ok), {rate:.1f} pairs/s")
     label_elapsed = time.perf_counter() - label_started
     summary = collect_summary(plan)
     elapsed = time.perf_counter() - started

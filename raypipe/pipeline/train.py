@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from raypipe.config import ScalingSection, TrainConfig, dump_config
 from raypipe.io import fs as rfs
 from raypipe.metrics import confusion_matrix, summary
 from raypipe.model import FusionClassifier, ModelConfig
-from raypipe.pipeline.cluster import init_ray
+from raypipe.pipeline.cluster import init_ray, say
 from raypipe.pipeline.prepare import (
     CLASSES_FILE,
     CONFIG_FILE,
@@ -159,13 +158,6 @@ def _save_checkpoint(directory: str, model, optimizer, best_state: dict, progres
     Path(directory, CKPT_PROGRESS).write_text(json.dumps(progress))
 
 
-def _say(line: str) -> None:
-    """One progress line to the driver's console. (Ray Train patches print() to log through the root
-    logger, which shows every line twice.)"""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -185,7 +177,7 @@ def train_loop_per_worker(config: dict) -> None:
             best_state = torch.load(os.path.join(directory, CKPT_BEST), weights_only=True)
             progress = json.loads(Path(directory, CKPT_PROGRESS).read_text())
         if rank == 0:
-            _say(f"resuming from the checkpoint after epoch {progress['epoch']}")
+            say(f"resuming from the checkpoint after epoch {progress['epoch']}")
     raw_model = model
     model = ray.train.torch.prepare_model(model)  # DDP: NCCL on GPU, gloo on CPU
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
@@ -256,7 +248,7 @@ def train_loop_per_worker(config: dict) -> None:
         progress["history"].append(metrics)
         stop = patience is not None and progress["stale_epochs"] >= patience
         if rank == 0:
-            _say(
+            say(
                 f"epoch {epoch + 1}/{config['epochs']}  train_loss {metrics['train_loss']:.4f}  "
                 f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_accuracy']:.4f}  "
                 f"macro_f1 {metrics['val_macro_f1']:.4f}  {metrics['train_samples_per_s']:.0f} samples/s  "
