@@ -42,7 +42,8 @@ test-unit: install-test
 	$(PYTHON) -m pytest tests/unit
 
 bench: install-test
-	@for script in benchmarks/*.py; do echo "== $$script"; $(PYTHON) $$script || exit 1; done
+	@for script in $(filter-out benchmarks/common.py,$(wildcard benchmarks/*.py)); do \
+		echo "== $$script"; $(PYTHON) $$script || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache
