@@ -40,7 +40,6 @@ class Status(str, Enum):
     IMAGE_TOO_SMALL = "image_too_small"  # under the configured minimum side
     MISSING_LABEL = "missing_label"  # training row without a usable label
     UNKNOWN_LABEL = "unknown_label"  # label not in the configured class list
-    DUPLICATE_KEY = "duplicate_key"  # second and later rows with the same key
     MISSING_TEXT = "missing_text"  # labeling: no tokens left after cleaning, and the model reads text
 
 
