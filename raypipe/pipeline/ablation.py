@@ -12,7 +12,7 @@ import logging
 from raypipe import plots
 from raypipe.config import AblationConfig, PrepareConfig
 from raypipe.io import fs as rfs
-from raypipe.pipeline.prepare import PREPARED_DIR, STATS_FILE, run_prepare
+from raypipe.pipeline.prepare import STATS_FILE, run_prepare
 from raypipe.pipeline.train import run_train
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from raypipe import schema
 from raypipe.bundle import Bundle, save_bundle
 from raypipe.config import ScalingSection, TrainConfig, dump_config
 from raypipe.io import fs as rfs
-from raypipe.metrics import confusion_matrix, summary
+from raypipe.metrics import summary
 from raypipe.model import FusionClassifier, ModelConfig
 from raypipe.pipeline.cluster import init_ray, say
 from raypipe.pipeline.prepare import (
