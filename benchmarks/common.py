@@ -141,6 +141,22 @@ def process_tree(root: int | None = None) -> dict[int, tuple[str, float]]:
     return tree
 
 
+def _memory_kib(pid: int) -> tuple[int, int]:
+    """(PSS, RSS) of one process in KiB, from /proc/<pid>/smaps_rollup (0, 0 once it is gone).
+    PSS splits shared pages (Ray's object store in /dev/shm) among the processes that map them, so
+    the PSS of a tree sums to the memory it really holds; the RSS sum counts shared pages repeatedly."""
+    pss = rss = 0
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                pss = int(line.split()[1])
+            elif line.startswith("Rss:"):
+                rss = int(line.split()[1])
+    except OSError:
+        pass
+    return pss, rss
+
+
 def tree_cpu_seconds(root: int | None = None) -> float:
     """CPU seconds used so far by the live processes of a tree (exited ones are not counted: the
     raylet does not wait for its workers, so their time is lost; use ProcessSampler for phases)."""
@@ -163,11 +179,14 @@ class ProcessSampler:
                    longer than ``interval_s``);
       ``s.cpu_s``  CPU seconds of the tree during the phase, exited processes counted up to their
                    last sample (so a slight undercount, at most ``interval_s`` per exited process).
-    Costs one /proc scan per interval (a few ms).
+    With ``memory=True`` also ``s.peak_pss_mib`` / ``s.peak_rss_mib``: the largest sum over the tree
+    seen in one sample (PSS: what the tree really holds, shared memory counted once).
+    Costs one /proc scan per interval (a few ms; with memory, one smaps_rollup read per process).
     """
 
-    def __init__(self, root: int | None = None, interval_s: float = 0.5):
-        self.root, self.interval_s = root, interval_s
+    def __init__(self, root: int | None = None, interval_s: float = 0.5, memory: bool = False):
+        self.root, self.interval_s, self.memory = root, interval_s, memory
+        self.peak_pss_mib = self.peak_rss_mib = 0.0
         self.names: dict[int, set[str]] = {}
         self._start: dict[int, float] = {}
         self._last: dict[int, float] = {}
@@ -175,9 +194,14 @@ class ProcessSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
-        for pid, (name, cpu) in process_tree(self.root).items():
+        tree = process_tree(self.root)
+        for pid, (name, cpu) in tree.items():
             self.names.setdefault(pid, set()).add(name)
             self._last[pid] = cpu
+        if self.memory:
+            pss, rss = map(sum, zip((0, 0), *(_memory_kib(pid) for pid in tree)))
+            self.peak_pss_mib = max(self.peak_pss_mib, pss / 1024)
+            self.peak_rss_mib = max(self.peak_rss_mib, rss / 1024)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

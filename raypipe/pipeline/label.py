@@ -255,16 +255,31 @@ def output_state(out: rfs.Location, name: str) -> OutputState:
     return state
 
 
-def is_complete(plan: InputPlan, out: rfs.Location, item: InputFile, state: OutputState) -> bool:
-    """Readable parts, the expected number of rows, and exactly the input's keys (each once)."""
-    if not state.files or not state.readable or state.rows != item.expected_rows:
-        return False
-    if any(not p.endswith(".parquet") for p in state.files):
-        return False
-    found = Counter()
+def _read_output(out: rfs.Location, state: OutputState) -> tuple[Counter, Counter]:
+    """Keys and statuses of an input's output parts, in one read per part."""
+    keys, statuses = Counter(), Counter()
     for path in state.files:
-        found.update(pq.read_table(path, columns=[schema.KEY], filesystem=out.fs).column(0).to_pylist())
-    return found == input_keys(plan, item)
+        table = pq.read_table(path, columns=[schema.KEY, schema.STATUS], filesystem=out.fs)
+        keys.update(table.column(0).to_pylist())
+        statuses.update(table.column(1).to_pylist())
+    return keys, statuses
+
+
+def check_output(
+    plan: InputPlan, out: rfs.Location, item: InputFile, keys_verified: bool = False
+) -> tuple[OutputState, bool, Counter]:
+    """An input's output: its state, whether it is complete, and its rows per status.
+
+    Complete = readable Parquet parts, the expected number of rows, and exactly the input's keys, each
+    once (not compared again when ``keys_verified``). Each part is read once, for keys and statuses
+    (statuses of an unreadable output are not counted)."""
+    state = output_state(out, item.name)
+    if not state.files or not state.readable or any(not p.endswith(".parquet") for p in state.files):
+        return state, False, Counter()
+    keys, statuses = _read_output(out, state)
+    if state.rows != item.expected_rows:
+        return state, False, statuses
+    return state, keys_verified or keys == input_keys(plan, item), statuses
 
 
 # --------------------------------------------------------------------------------------------------
@@ -313,10 +328,13 @@ def plan_label(cfg: LabelJobConfig) -> LabelPlan:
     out = rfs.resolve(cfg.output, cfg.storage)
     _check_job_file(cfg, out, bundle)
     files = input_files(inputs)
-    states = _parallel(lambda item: output_state(out, item.name), files)
+    if cfg.overwrite:
+        checks = [(state, False, None) for state in _parallel(lambda item: output_state(out, item.name), files)]
+    else:
+        checks = _parallel(lambda item: check_output(inputs, out, item), files)
     pending, skipped = [], []
-    for item, state in zip(files, states):
-        if not cfg.overwrite and is_complete(inputs, out, item, state):
+    for item, (state, complete, _) in zip(files, checks):
+        if complete:
             skipped.append(item)
             continue
         if state.files:
@@ -372,18 +390,15 @@ def labeled_dataset(plan: LabelPlan):
 
 
 def collect_summary(plan: LabelPlan) -> dict:
-    """Counts read back from the output (so they match it), with each input's completeness."""
+    """Counts read back from the output (so they match it), with each input's completeness; inputs
+    skipped as complete were verified at planning and only have their statuses counted."""
     by_status: Counter = Counter()
     complete, incomplete = [], []
-    for item in plan.files:
-        state = output_state(plan.out, item.name)
-        (complete if is_complete(plan.inputs, plan.out, item, state) else incomplete).append(item)
-        for path in state.files:
-            try:
-                column = pq.read_table(path, columns=[schema.STATUS], filesystem=plan.out.fs).column(0)
-            except (OSError, pa.ArrowInvalid):
-                continue
-            by_status.update(column.to_pylist())
+    skipped = {item.name for item in plan.skipped}
+    checks = _parallel(lambda item: check_output(plan.inputs, plan.out, item, item.name in skipped), list(plan.files))
+    for item, (_, done, statuses) in zip(plan.files, checks):
+        (complete if done else incomplete).append(item)
+        by_status.update(statuses)
     return {
         "rows_in": sum(item.expected_rows for item in plan.files),
         "rows_out": sum(by_status.values()),

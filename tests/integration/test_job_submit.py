@@ -36,8 +36,9 @@ def submit(cluster, *entrypoint: str, timeout: int = 600) -> str:
     return done.stdout
 
 
-def test_train_job_streaming_raw_shards_submitted_to_a_head_node(ray_cluster, tmp_path):
-    """Also the streaming path: no prepare output, raw img2dataset shards preprocessed while training."""
+def test_train_then_label_jobs_submitted_to_a_head_node(ray_cluster, tmp_path):
+    """Training on the streaming path (no prepare output: raw img2dataset shards preprocessed while
+    training), then labeling the Parquet shards with the bundle it wrote, both as submitted jobs."""
     from raypipe.sample import SampleSpec, write_sample
 
     sample, runs = tmp_path / "sample", tmp_path / "runs"
@@ -50,3 +51,11 @@ def test_train_job_streaming_raw_shards_submitted_to_a_head_node(ray_cluster, tm
     summary = json.loads([line for line in out.splitlines() if line.startswith('{"bundle"')][-1])
     bundle = Path(summary["bundle"])
     assert {"model.pt", "config.json", "vocab.json", "classes.json", "metrics.json"} <= {p.name for p in bundle.iterdir()}
+
+    labels = tmp_path / "labels"
+    out = submit(ray_cluster, "python", "jobs/label.py", f"data.input={sample / 'parquet'}", f"bundle={bundle}",
+                 f"output={labels}", "data.keep_columns=[url]")
+    summary = json.loads((labels / "_summary.json").read_text())
+    assert summary["complete"] and summary["rows_in"] == summary["rows_out"] == 240, summary
+    assert summary["rows_labeled"] > 200 and f"labeled {summary['rows_processed']} rows" in out
+    assert sorted(p.name for p in labels.iterdir() if p.is_dir()) == ["00000", "00001"]

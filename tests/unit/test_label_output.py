@@ -18,7 +18,7 @@ from raypipe.io.readers import plan_inputs
 from raypipe.model import FusionClassifier, ModelConfig
 from raypipe.pipeline import predict
 from raypipe.pipeline.label import (
-    InputFile, input_files, is_complete, output_names, output_schema, output_state, summary_lines,
+    InputFile, check_output, input_files, output_names, output_schema, output_state, summary_lines,
     to_output_table, write_label_batch,
 )
 from raypipe.transforms.image import ImageOptions
@@ -136,17 +136,20 @@ def test_completeness_needs_every_key_exactly_once(tmp_path):
     out = resolve(str(tmp_path / "out"), StorageConfig())
 
     def check() -> bool:
-        return is_complete(plan, out, item, output_state(out, "a"))
+        return check_output(plan, out, item)[1]
+
+    def part(keys: list[str]) -> pa.Table:
+        return pa.table({"key": keys, "status": ["ok"] * len(keys)})
 
     (tmp_path / "out" / "a").mkdir(parents=True)
     assert not check()  # nothing yet
-    pq.write_table(pa.table({"key": ["1", "2"]}), tmp_path / "out" / "a" / "part-1.parquet")
+    pq.write_table(part(["1", "2"]), tmp_path / "out" / "a" / "part-1.parquet")
     assert not check()  # a gap
-    pq.write_table(pa.table({"key": ["2"]}), tmp_path / "out" / "a" / "part-2.parquet")
+    pq.write_table(part(["2"]), tmp_path / "out" / "a" / "part-2.parquet")
     assert not check()  # right count, but a duplicate and a gap
     (tmp_path / "out" / "a" / "part-2.parquet").unlink()
-    pq.write_table(pa.table({"key": ["3"]}), tmp_path / "out" / "a" / "part-2.parquet")
-    assert check()
+    pq.write_table(part(["3"]), tmp_path / "out" / "a" / "part-2.parquet")
+    assert check() and check_output(plan, out, item)[2] == {"ok": 3}
     (tmp_path / "out" / "a" / "part-3.parquet").write_bytes(b"PAR1 truncated")  # a write cut short
     assert not output_state(out, "a").readable and not check()
 

@@ -1,0 +1,223 @@
+"""Labeling: `jobs/label.py` on local Ray beside a plain single-process loop, and its memory as work grows.
+
+    python benchmarks/label_throughput.py [--rows 10000] [--memory-rows 10000,100000] [--bundle URL]
+
+Inputs: the built-in sample (``raypipe.sample``) in img2dataset's Parquet format with 384x288 JPEGs
+(img2dataset's ``--image_size 384 --resize_mode keep_ratio`` output size), 1,000 pairs per shard,
+generated once and cached under ``$TMPDIR/raypipe-bench/``; a run over N rows reads the first N/1000
+shards. About 2% of rows are failed downloads and ~10% of captions have no words left after
+cleaning, so the error paths are exercised as in a crawl.
+
+Model: ``--bundle``, or by default a bundle with the default architecture (the train job's defaults:
+3 conv blocks 32/64/128, embedding 128, LSTM 128, FC 256) and random weights (seed 0) over the sample's
+vocabulary: the cost per pair is the trained model's, the labels are meaningless.
+
+Measured, in one process tree on the same files:
+
+1. plain loop: what a user writes by hand, in one process: pyarrow reads each file in batches ->
+   the same normalize / preprocess / model / output-table functions the job uses -> one Parquet file
+   per input. PyTorch uses its default intra-op threads (all cores) for the model.
+2. the job: ``python jobs/label.py`` as a user runs it (starts a local Ray cluster), ``overwrite=true``.
+   Figures: end to end (process start to exit) and the labeling phase (its ``_summary.json``:
+   ``labeling_s`` excludes the Ray start and the final completeness check).
+3. memory: peak PSS of the job's whole process tree (driver, raylet, GCS, workers; shared object
+   store pages counted once) for each of ``--memory-rows``, sampled every 0.5 s.
+
+Prints one summary line; everything goes to benchmarks/results/label_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `common` when run as a script
+
+from common import ProcessSampler, load_average, machine_info, rate, write_results  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARD_SIZE = 1000
+IMAGE_SIZE = (384, 288)
+
+
+def ensure_data(root: Path, rows: int) -> list[Path]:
+    """The first ``rows`` rows of the cached sample (whole shards), generated when missing."""
+    from raypipe.sample import SampleSpec, write_sample
+
+    marker = root / "sample.json"
+    have = json.loads(marker.read_text())["num_pairs"] if marker.exists() else 0
+    if have < rows:
+        print(f"writing the sample ({rows} pairs, {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} JPEGs) to {root} ...", flush=True)
+        summary = write_sample(str(root), SampleSpec(rows, SHARD_SIZE, IMAGE_SIZE), formats=("parquet",))
+        marker.write_text(json.dumps(summary, indent=1))
+    files = sorted((root / "parquet").glob("*.parquet"))
+    return files[: -(-rows // SHARD_SIZE)]
+
+
+def ensure_bundle(path: Path, data: list[Path]) -> str:
+    """The default architecture with random weights over the sample's vocabulary."""
+    if (path / "model.pt").exists():
+        return str(path)
+    import pyarrow.parquet as pq
+    import torch
+
+    from raypipe.bundle import Bundle, save_bundle
+    from raypipe.config import ModelSection, StorageConfig
+    from raypipe.model import FusionClassifier, ModelConfig
+    from raypipe.sample import CLASSES
+    from raypipe.transforms.image import ImageOptions
+    from raypipe.transforms.text import TextNormalizer, TextOptions
+    from raypipe.transforms.vocab import Vocabulary, count_tokens
+
+    text = TextOptions()
+    normalizer = TextNormalizer(text)
+    captions = pq.read_table(data[0], columns=["caption"]).column(0).to_pylist()
+    vocab = Vocabulary.from_counts(count_tokens(normalizer.tokens(c or "") for c in captions), min_freq=2)
+    torch.manual_seed(0)
+    config = ModelConfig(num_classes=len(CLASSES), vocab_size=len(vocab), **ModelSection().model_dump())
+    model = FusionClassifier(config)
+    save_bundle(str(path), StorageConfig(), Bundle(config, ImageOptions(), text, vocab, tuple(CLASSES),
+                                                    model.state_dict(), {"note": "random weights (benchmark)"}))
+    return str(path)
+
+
+def plain_loop(files: list[Path], bundle_url: str, out_dir: Path, batch_size: int) -> dict:
+    """One process, no Ray: read -> normalize -> preprocess -> model -> output table -> Parquet per file."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from raypipe.bundle import load_bundle
+    from raypipe.config import StorageConfig
+    from raypipe.io.normalize import normalize_table
+    from raypipe.io.readers import IMG2DATASET_COLUMNS
+    from raypipe.pipeline.label import output_schema, to_output_table
+    from raypipe.pipeline.predict import BundlePredictor
+    from raypipe.transforms.pairs import ModelInputPreparer
+
+    started = time.perf_counter()
+    bundle = load_bundle(bundle_url, StorageConfig())
+    preparer = ModelInputPreparer(bundle.image, bundle.text, bundle.vocab.token_to_id, bundle.model_config.mode)
+    predictor = BundlePredictor(bundle_url, StorageConfig(), top_k=3)
+    out_schema = output_schema({}, explain=False)
+    rows = ok = 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        with pq.ParquetWriter(out_dir / path.name, out_schema) as writer:
+            reader = pq.ParquetFile(path)
+            for record_batch in reader.iter_batches(batch_size, columns=["key", "jpg", "caption", "status", "error_message"]):
+                batch = {name: record_batch.column(name).to_numpy(zero_copy_only=False) for name in record_batch.schema.names}
+                batch["path"] = np.full(record_batch.num_rows, str(path), dtype=object)
+                table = to_output_table(predictor(preparer(normalize_table(batch, IMG2DATASET_COLUMNS))),
+                                        out_schema, bundle.identity)
+                writer.write_table(table)
+                rows += table.num_rows
+                ok += sum(s == "ok" for s in table.column("status").to_pylist())
+    wall = time.perf_counter() - started
+    return {"rows": rows, "ok": ok, "wall_s": round(wall, 2), "pairs_per_s": rate(rows, wall)}
+
+
+def label_job(files: list[Path], bundle_url: str, out_dir: Path, extra: list[str]) -> dict:
+    """``python jobs/label.py`` in a subprocess (its own local Ray cluster), sampled for CPU and memory."""
+    inputs = "[" + ",".join(str(f) for f in files) + "]"
+    cmd = [sys.executable, str(REPO / "jobs" / "label.py"), f"data.input={inputs}", f"bundle={bundle_url}",
+           f"output={out_dir}", "overwrite=true", "ray.progress_bars=false", *extra]
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with ProcessSampler(proc.pid, memory=True) as sampler:
+        log, _ = proc.communicate()
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        sys.stderr.write(log[-4000:])
+        raise SystemExit(f"the labeling job failed (exit {proc.returncode}): {' '.join(cmd[:3])} ...")
+    summary = json.loads((out_dir / "_summary.json").read_text())
+    return {
+        "rows": summary["rows_processed"],
+        "ok": summary["rows_labeled"],
+        "complete": summary["complete"],
+        "by_status": summary["by_status"],
+        "wall_s": round(wall, 2),
+        "end_to_end_pairs_per_s": rate(summary["rows_processed"], wall),
+        "labeling_s": summary["labeling_s"],
+        "labeling_pairs_per_s": summary["pairs_per_s"],
+        "tree_cpu_s": round(sampler.cpu_s, 1),
+        "peak_pss_mib": round(sampler.peak_pss_mib),
+        "peak_rss_sum_mib": round(sampler.peak_rss_mib),
+        "processes_seen": len(sampler.names),
+    }
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=10_000, help="rows for the job-vs-plain-loop comparison")
+    p.add_argument("--memory-rows", default="10000,100000", help="comma-separated row counts for the memory runs")
+    p.add_argument("--bundle", help="a trained bundle (default: the default architecture, random weights)")
+    p.add_argument("--batch-size", type=int, default=256, help="rows per batch, both sides")
+    p.add_argument("--data-dir", help="where the sample is cached (default: $TMPDIR/raypipe-bench/label-...)")
+    p.add_argument("--skip-plain", action="store_true", help="only the job (e.g. to re-measure memory)")
+    p.add_argument("--job-arg", action="append", default=[], help="extra section.field=value for the job")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    memory_rows = [int(x) for x in args.memory_rows.split(",") if x.strip()]
+    bench = Path(tempfile.gettempdir()) / "raypipe-bench"
+    name = f"label-{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}-shard{SHARD_SIZE}-seed0"
+    root = Path(args.data_dir) if args.data_dir else bench / name
+    all_files = ensure_data(root, max([args.rows, *memory_rows]))
+    bundle_url = args.bundle or ensure_bundle(bench / "label-bundle-default-random", all_files)
+    work = Path(tempfile.mkdtemp(prefix="label-out-", dir=bench))
+    extra = [f"ray.batch_size={args.batch_size}", f"predict.batch_size={args.batch_size}", *args.job_arg]
+    results: dict = {"machine": machine_info(), "rows": args.rows, "batch_size": args.batch_size,
+                     "image_size": list(IMAGE_SIZE), "bundle": bundle_url, "job_args": extra}
+    try:
+        files = ensure_data(root, args.rows)
+        if not args.skip_plain:
+            print(f"plain single-process loop over {len(files)} files ...", flush=True)
+            results["plain"] = plain_loop(files, bundle_url, work / "plain", args.batch_size)
+            print(f"  {results['plain']}", flush=True)
+        print(f"jobs/label.py over the same {len(files)} files ...", flush=True)
+        results["job"] = label_job(files, bundle_url, work / "job", extra)
+        print(f"  {results['job']}", flush=True)
+        results["memory"] = {}
+        for rows in memory_rows:
+            if rows == args.rows:
+                results["memory"][str(rows)] = results["job"]
+                continue
+            print(f"jobs/label.py over {rows} rows (memory) ...", flush=True)
+            shutil.rmtree(work / "job", ignore_errors=True)
+            results["memory"][str(rows)] = label_job(ensure_data(root, rows), bundle_url, work / "job", extra)
+            print(f"  {results['memory'][str(rows)]}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["load_average_at_end"] = load_average()
+
+    job, plain = results["job"], results.get("plain")
+    line = [f"labeling {job['rows']} rows: job {job['labeling_pairs_per_s']} pairs/s labeling phase, "
+            f"{job['end_to_end_pairs_per_s']} end to end"]
+    if plain:
+        results["ratio_labeling_phase"] = round(job["labeling_pairs_per_s"] / plain["pairs_per_s"], 2)
+        results["ratio_end_to_end"] = round(job["end_to_end_pairs_per_s"] / plain["pairs_per_s"], 2)
+        line.append(f"plain loop {plain['pairs_per_s']} pairs/s -> ratio {results['ratio_labeling_phase']} "
+                    f"({results['ratio_end_to_end']} end to end; target >= 1.3)")
+    peaks = {rows: r["peak_pss_mib"] for rows, r in results["memory"].items()}
+    if len(peaks) >= 2:
+        small, large = min(peaks, key=int), max(peaks, key=int)
+        results["memory_ratio"] = round(peaks[large] / peaks[small], 2)
+        line.append(f"peak memory {peaks[small]} MiB @ {small} rows, {peaks[large]} MiB @ {large} rows -> "
+                    f"{results['memory_ratio']}x (target <= 1.2)")
+    print("; ".join(line))
+    print(f"results: {write_results('label_throughput', results)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
