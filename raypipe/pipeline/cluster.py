@@ -26,6 +26,7 @@ def init_ray(cfg: RayConfig) -> None:
         log.info("Ray cluster: %s CPUs, %s GPUs", resources.get("CPU", 0), resources.get("GPU", 0))
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars and os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") != "1"
+    ctx.target_max_block_size = cfg.block_mib << 20
 
 
 def say(line: str) -> None:

@@ -25,8 +25,13 @@ class EvaluateError(RuntimeError):
     """An evaluation that cannot run as configured."""
 
 
-def predictor_compute(predict: PredictSection, cluster: dict) -> dict:
-    """map_batches arguments for a predictor actor pool that cannot take every CPU."""
+def predictor_compute(predict: PredictSection, cluster: dict, cpus_per_actor: float = 1.0) -> dict:
+    """map_batches arguments for a predictor actor pool that cannot take every CPU.
+
+    GPU actors: an autoscaling pool, one GPU each. CPU actors: a fixed pool (started at once, so no
+    actor starts late and the pool never shrinks and grows again) sharing the cluster's CPUs but one,
+    which stays for the preprocessing tasks; at least two actors (on a 2-CPU machine: two of 0.5 CPU,
+    each running the model on one thread, so one computes while the other waits for input)."""
     from ray.data import ActorPoolStrategy
 
     if predict.use_gpu:
@@ -34,8 +39,12 @@ def predictor_compute(predict: PredictSection, cluster: dict) -> dict:
         if gpus < 1:
             raise EvaluateError("predict.use_gpu=true but the cluster has no GPU; set predict.use_gpu=false")
         return {"compute": ActorPoolStrategy(min_size=1, max_size=predict.max_actors or gpus), "num_gpus": 1}
-    spare = max(1, int(cluster.get("CPU", 1)) - 1)
-    return {"compute": ActorPoolStrategy(min_size=1, max_size=predict.max_actors or spare), "num_cpus": 1}
+    spare = max(1.0, cluster.get("CPU", 1) - 1)
+    actors = predict.max_actors or max(2, int(spare))
+    return {
+        "compute": ActorPoolStrategy(size=actors),
+        "num_cpus": round(min(cpus_per_actor, spare / actors), 3),
+    }
 
 
 def _rows_to_evaluate(cfg: EvaluateConfig, bundle):

@@ -20,8 +20,8 @@ So a re-run after a crash at any point finishes with no duplicates and no gaps.
 
 Pipeline: read (Ray Data read tasks) -> ``ModelInputPreparer`` in map tasks (CPU, the bundle's own
 image / text settings and vocabulary) -> ``BundlePredictor`` in an autoscaling actor pool (the bundle
-loaded once per actor) -> a write stage (map tasks) that writes each input file's rows to its own
-directory and returns row counts, which the driver turns into progress lines.
+loaded once per actor) -> ``PartWriter`` actors (no CPU reserved) that write each input file's rows
+to its own directory and return row counts, which the driver turns into progress lines.
 """
 
 from __future__ import annotations
@@ -165,6 +165,18 @@ def write_label_batch(
             COUNT_OK: pa.array(counts[COUNT_OK], pa.int64()),
         }
     )
+
+
+class PartWriter:
+    """``write_label_batch`` in a long-lived actor: a writer that needs no CPU reservation can always
+    run, so labeled rows are written as they come instead of piling up in the object store while
+    preprocessing and inference hold every CPU; and it imports its libraries once, not per task."""
+
+    def __init__(self, out: rfs.Location, names: dict[str, str], out_schema: pa.Schema, model_identity: str):
+        self.args = (out, names, out_schema, model_identity)
+
+    def __call__(self, predicted: pa.Table) -> pa.Table:
+        return write_label_batch(predicted, *self.args)
 
 
 def _strip_scheme(path: str) -> str:
@@ -353,6 +365,7 @@ def _pending_inputs(plan: LabelPlan) -> InputPlan:
 def labeled_dataset(plan: LabelPlan):
     """Lazily: the pending inputs' rows, preprocessed, predicted and written; yields count rows."""
     import ray
+    from ray.data import ActorPoolStrategy
 
     cfg, bundle = plan.cfg, plan.bundle
     preparer = ModelInputPreparer(bundle.image, bundle.text, bundle.vocab.token_to_id, bundle.model_config.mode)
@@ -362,9 +375,9 @@ def labeled_dataset(plan: LabelPlan):
     use_gpu = cfg.predict.use_gpu if cfg.predict.use_gpu is not None else gpus > 0
     from raypipe.pipeline.evaluate import predictor_compute
 
-    compute = predictor_compute(cfg.predict.model_copy(update={"use_gpu": use_gpu}), ray.cluster_resources())
-    if not use_gpu:
-        compute["num_cpus"] = cfg.predict.cpus_per_actor
+    compute = predictor_compute(
+        cfg.predict.model_copy(update={"use_gpu": use_gpu}), ray.cluster_resources(), cfg.predict.cpus_per_actor
+    )
     names = {item.path: item.name for item in plan.pending}
     names.update({_strip_scheme(p): n for p, n in list(names.items())})
     return (
@@ -380,11 +393,12 @@ def labeled_dataset(plan: LabelPlan):
             **compute,
         )
         .map_batches(
-            write_label_batch,
-            fn_args=(plan.out, names, plan.out_schema, bundle.identity),
+            PartWriter,
+            fn_constructor_args=(plan.out, names, plan.out_schema, bundle.identity),
             batch_size=cfg.rows_per_part,
             batch_format="pyarrow",
-            num_cpus=0.25,
+            compute=ActorPoolStrategy(min_size=1, max_size=max(1, compute["compute"].max_size // 4)),
+            num_cpus=0,
         )
     )
 
