@@ -2,7 +2,9 @@
 
     python jobs/ablation.py                                  # the built-in sample
     python jobs/ablation.py prepared=s3://bucket/prepared optim.epochs=100 optim.early_stopping_patience=10
-Writes ablation.md, ablation.json and ablation.png under run.storage_path/run.name.
+    python jobs/ablation.py prepared=/data/prepared 'seeds=[0,1,2,3,4]' confusion_matrix=true
+Writes ablation.md, ablation.json and ablation.png (and ablation_confusion.png) under run.storage_path/run.name.
+With seeds, each mode is trained once per seed and the table gives mean and standard deviation.
 """
 
 import sys
@@ -12,7 +14,8 @@ from raypipe.cli import parse_job_config, register_user_error, run_job
 from raypipe.config import AblationConfig
 from raypipe.io.fs import StorageError
 from raypipe.io.readers import InputError
-from raypipe.pipeline.ablation import run_ablation, table_markdown
+from raypipe.pipeline.ablation import run_ablation
+from raypipe.pipeline.evaluate import EvaluateError
 from raypipe.pipeline.prepare import PrepareError
 from raypipe.pipeline.train import TrainError
 from raypipe.transforms.text import WordNetMissingError
@@ -21,11 +24,12 @@ from raypipe.transforms.text import WordNetMissingError
 def main(argv=None) -> dict:
     config = parse_job_config(AblationConfig, argv, __doc__)
     summary = run_ablation(config)
-    print(table_markdown(summary["rows"]), end="")
-    print(f"table, curves and histories: {summary['output']}/ablation.{{md,png,json}}")
+    print(summary["table"], end="")
+    extra = " + ablation_confusion.png" if "fusion_confusion" in summary else ""
+    print(f"table, curves and runs: {summary['output']}/ablation.{{md,png,json}}{extra}")
     return summary
 
 
 if __name__ == "__main__":
-    register_user_error(TrainError, PrepareError, InputError, StorageError, WordNetMissingError, BundleError)
+    register_user_error(TrainError, PrepareError, InputError, StorageError, WordNetMissingError, BundleError, EvaluateError)
     run_job(lambda: main(sys.argv[1:]))
