@@ -6,7 +6,7 @@ PYTHON := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PIP := $(PYTHON) -m pip install -q -c .ci/constraints.txt
 
-.PHONY: install install-test nltk-data demo test test-unit bench clean
+.PHONY: install install-test nltk-data demo test test-unit bench docs results clean
 
 $(VENV)/.base: pyproject.toml .ci/constraints.txt
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -44,6 +44,16 @@ test-unit: install-test
 bench: install-test
 	@for script in $(filter-out benchmarks/common.py,$(wildcard benchmarks/*.py)); do \
 		echo "== $$script"; $(PYTHON) $$script || exit 1; done
+
+# docs/configuration.md from the config models' field descriptions (a unit test fails when it is stale).
+docs: install
+	$(PYTHON) -m raypipe.configdoc
+
+# The paper's ablation on real pairs (Tux Paint stamps; needs `apt-get install tuxpaint-stamps-default`):
+# docs/results.md and docs/images/tuxpaint_*.png. About 1 h on 2 cores.
+results: install
+	$(PIP) -e '.[results]'
+	PY=$(PYTHON) bash docs/examples/tuxpaint_results.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache
