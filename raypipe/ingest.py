@@ -51,13 +51,13 @@ from raypipe.config import IngestConfig, StorageConfig
 from raypipe.io import fs as rfs
 from raypipe.sample import PARQUET_ROW_GROUP, PARQUET_SCHEMA, compute_key, shard_name
 from raypipe.transforms.image import (
-    _UPRIGHT,
     FORMATS,
+    UPRIGHT,
     ImageError,
     ImageOptions,
-    _check_declared_size,
-    _orientation,
-    _to_rgb,
+    check_declared_size,
+    exif_orientation,
+    to_rgb,
 )
 from raypipe.transforms.labels import label_text
 
@@ -187,13 +187,13 @@ def _open_raster(data: bytes, opts: EncodeOptions) -> tuple[Image.Image, tuple[i
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels is the guard
         img = Image.open(io.BytesIO(data), formats=FORMATS)
     original = img.size
-    _check_declared_size(*original, ImageOptions(max_pixels=opts.max_pixels))
+    check_declared_size(*original, ImageOptions(max_pixels=opts.max_pixels))
     exif = _exif_json(img)
-    orientation = _orientation(img)
+    orientation = exif_orientation(img)
     img.draft("RGB", _target_size(*original, opts.max_side))  # JPEG only: decode at 1/2, 1/4, 1/8 scale
     img.load()
-    if orientation in _UPRIGHT:
-        img = img.transpose(_UPRIGHT[orientation])
+    if orientation in UPRIGHT:
+        img = img.transpose(UPRIGHT[orientation])
         if orientation >= 5:  # the upright picture is rotated: report it as it is shown
             original = original[::-1]
     return img, original, exif
@@ -212,7 +212,7 @@ def encode_image(data: bytes | None, opts: EncodeOptions, name: str = "") -> Enc
         else:
             img, original, exif = _open_raster(data, opts)
             fmt = img.format or fmt
-        rgb = _to_rgb(img)
+        rgb = to_rgb(img)
         size = _target_size(*rgb.size, opts.max_side)
         if size != rgb.size:
             rgb = rgb.resize(size, RESIZE_FILTER, reducing_gap=3.0)

@@ -67,3 +67,19 @@ def ablation_curves(histories: dict[str, list[dict]], title: str) -> bytes:
     ax.legend()
     ax.set_title(title)
     return _png(fig)
+
+
+def seed_band_curves(bands: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, int]], title: str) -> bytes:
+    """Validation accuracy per epoch, per mode: (epochs, mean over seeds, standard deviation, seeds) as
+    a line with a band of one standard deviation."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for mode, (epochs, mean, std, seeds) in bands.items():
+        (line,) = ax.plot(epochs, mean, label=f"{mode} ({seeds} seed{'s' if seeds > 1 else ''})")
+        ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set(xlabel="epoch (mean over the seeds still training)", ylabel="validation accuracy", ylim=(0, 1), title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _png(fig)

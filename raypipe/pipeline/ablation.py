@@ -102,23 +102,6 @@ def epoch_bands(histories: list[list[dict]], metric: str = "val_accuracy") -> tu
     return np.array(epochs), np.array(means), np.array(stds), np.array(counts)
 
 
-def seed_band_curves(histories: dict[str, list[list[dict]]], title: str) -> bytes:
-    """Validation accuracy per epoch: the mean over seeds per mode, a band of one standard deviation."""
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for mode, runs in histories.items():
-        epochs, mean, std, counts = epoch_bands(runs)
-        (line,) = ax.plot(epochs, mean, label=f"{mode} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
-        ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set(xlabel="epoch (mean over the seeds still training)", ylabel="validation accuracy", ylim=(0, 1), title=title)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return plots._png(fig)
-
-
 def fusion_confusion(cfg: AblationConfig, prepared: str, runs: list[dict], output: rfs.Location) -> dict | None:
     """Evaluates every fusion run on the validation split (jobs/evaluate.py's pipeline, output under
     ``evaluation/<run>``) and sums the confusion matrices."""
@@ -169,7 +152,8 @@ def run_ablation(cfg: AblationConfig) -> dict:
     if cfg.seeds is None:
         curves = plots.ablation_curves({mode: h[0] for mode, h in histories.items()}, title)
     else:
-        curves = seed_band_curves(histories, title)
+        bands = {mode: (*epoch_bands(runs)[:3], len(runs)) for mode, runs in histories.items()}
+        curves = plots.seed_band_curves(bands, title)
     rfs.write_bytes(out.join("ablation.png"), curves)
     if cfg.confusion_matrix:
         confusion = fusion_confusion(cfg, prepared, runs, out)

@@ -28,7 +28,7 @@ REDUCING_GAP = 3.0
 
 _EXIF_ORIENTATION = 0x0112
 # EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose does).
-_UPRIGHT = {
+UPRIGHT = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
     4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -80,15 +80,15 @@ def load_rgb(data: bytes | None, opts: ImageOptions) -> np.ndarray:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=FORMATS)
         fmt = img.format or fmt
-        _check_declared_size(*img.size, opts)
+        check_declared_size(*img.size, opts)
         # JPEG only (a no-op for other formats): libjpeg decodes at 1/2, 1/4 or 1/8 scale, as
         # small as still leaves the resize enough pixels. The main speed lever (about 2x).
         img.draft("RGB", _draft_target(*img.size, opts))
-        orientation = _orientation(img)
+        orientation = exif_orientation(img)
         img.load()
-        if orientation in _UPRIGHT:  # after draft, so a JPEG is usually already small here
-            img = img.transpose(_UPRIGHT[orientation])
-        return np.asarray(_resize(_to_rgb(img), opts))
+        if orientation in UPRIGHT:  # after draft, so a JPEG is usually already small here
+            img = img.transpose(UPRIGHT[orientation])
+        return np.asarray(_resize(to_rgb(img), opts))
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
@@ -119,7 +119,7 @@ def preprocess_images(batch: dict[str, np.ndarray], opts: ImageOptions) -> dict[
     return batch
 
 
-def _check_declared_size(width: int, height: int, opts: ImageOptions) -> None:
+def check_declared_size(width: int, height: int, opts: ImageOptions) -> None:
     if width * height > opts.max_pixels:
         raise ImageError(
             Status.IMAGE_TOO_LARGE,
@@ -143,14 +143,14 @@ def _draft_target(width: int, height: int, opts: ImageOptions) -> tuple[int, int
     return opts.size, opts.size
 
 
-def _orientation(img: Image.Image) -> int:
+def exif_orientation(img: Image.Image) -> int:
     try:
         return img.getexif().get(_EXIF_ORIENTATION, 1)
     except Exception:  # a broken EXIF block does not make the pixels unusable
         return 1
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode.startswith("I") or img.mode == "F":
