@@ -44,6 +44,32 @@ def _cell(mean: float, std: float, runs: int) -> str:
     return f"{mean:.4f} ± {std:.4f}" if runs > 1 else f"{mean:.4f}"
 
 
+# Settings every run of the ablation sets on purpose (the paper's schedule, the modes, the seeds).
+SCHEDULE = {"model.mode", "optim.seed", "optim.epochs", "optim.early_stopping_patience"}
+
+
+def changed_settings(config: dict, defaults: dict, sections: tuple[str, ...], skip: set[str] = frozenset()) -> list[str]:
+    """``section.field=value`` for every field of ``sections`` that differs from raypipe's default."""
+    return [
+        f"{section}.{name}={json.dumps(value)}"
+        for section in sections
+        for name, value in config[section].items()
+        if f"{section}.{name}" not in skip and value != defaults[section][name]
+    ]
+
+
+def departures(work: Path, ablation: dict) -> list[str]:
+    """The options of this run that differ from raypipe's defaults (prepare, then training), read
+    from the prepare output and from a fusion run's bundle: each one is a departure to name."""
+    from raypipe.config import PrepareConfig, TrainConfig, dump_config
+
+    prepare = _read(work / "prepared" / "prepare_config.json")
+    changed = changed_settings(prepare, dump_config(PrepareConfig()), ("image", "text", "vocab", "split"))
+    run = next((r for r in ablation["runs"] if r["mode"] == "fusion"), ablation["runs"][0])
+    trained = _read(Path(run["bundle"]) / "metrics.json")["config"]
+    return changed + changed_settings(trained, dump_config(TrainConfig()), ("model", "optim", "scaling"), SCHEDULE)
+
+
 def generated_block(work: Path, images_link: str) -> str:
     runs_dir = work / "runs" / RUN_NAME
     ablation = _read(runs_dir / "ablation.json")
@@ -87,6 +113,10 @@ def generated_block(work: Path, images_link: str) -> str:
     for key, label in names.items():
         b = baselines["results"][key]
         lines.append(f"| {label} | - | {b['accuracy']:.4f} | {b['macro_f1']:.4f} | - |")
+    lines.append("")
+    changed = departures(work, ablation)
+    lines.append("Settings that differ from raypipe's defaults (departures, see below): "
+                 + (", ".join(f"`{c}`" for c in changed) if changed else "none") + ".")
     lines.append("")
     lines.append("Mean ± sample standard deviation over the seeds (the same split for every run; a seed changes "
                  "initialisation and shuffling). Linear baselines: one fit, C by 5-fold cross-validation on the "
