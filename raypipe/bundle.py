@@ -75,6 +75,19 @@ def save_bundle(url: str, storage: StorageConfig, bundle: Bundle) -> str:
     return hashlib.sha256(weights).hexdigest()[:16]
 
 
+def _load_weights(weights: bytes, url: str) -> dict[str, torch.Tensor]:
+    """weights_only=True: a crafted model.pt cannot run code when it is loaded; it is refused instead."""
+    try:
+        return torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message goes on to suggest weights_only=False, exactly what must not be done here.
+        refused = str(e).split("WeightsUnpickler error:")[-1].strip().split(". ")[0]
+        raise BundleError(
+            f"{url} holds more than plain tensors ({refused}); refused, since loading it could run code. "
+            "Use a bundle written by raypipe's train job."
+        ) from None
+
+
 def load_bundle(url: str, storage: StorageConfig) -> Bundle:
     loc = rfs.resolve(url, storage)
     try:
@@ -83,8 +96,7 @@ def load_bundle(url: str, storage: StorageConfig) -> Bundle:
             raise BundleError(f"{url}: bundle format {config.get('format_version')!r}, this raypipe reads {FORMAT_VERSION}")
         with loc.fs.open_input_stream(loc.join(WEIGHTS).path) as f:
             weights = f.read()
-        # weights_only=True: a crafted model.pt cannot run code when it is loaded.
-        state_dict = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+        state_dict = _load_weights(weights, loc.join(WEIGHTS).url)
         return Bundle(
             model_config=ModelConfig.from_dict(config["model"]),
             image=ImageOptions(**config["image"]),

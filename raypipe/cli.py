@@ -36,10 +36,30 @@ def parse_job_config(model: type[C], argv: list[str] | None, description: str) -
     return load_config(model, args.config, args.overrides)
 
 
+def user_error(error: BaseException) -> BaseException | None:
+    """The user error behind ``error``: itself, or one raised in a Ray task or actor. Ray wraps those
+    (keeping the original as ``cause``) in an error whose text is the remote stack trace."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        cause = getattr(error, "cause", None)
+        if isinstance(cause, BaseException):
+            error = cause
+        elif isinstance(error, USER_ERRORS):
+            return error
+        else:
+            error = error.__cause__ or error.__context__
+    return None
+
+
 def run_job(main: Callable[[], object]) -> None:
+    """Runs a job; an error that says what to fix ends it with that one message and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         main()
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:
+        error = user_error(e)
+        if error is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -76,13 +76,15 @@ def normalize_webdataset(batch: dict[str, np.ndarray], columns: InputColumns) ->
     Passthrough columns come from each sample's ``.json``, where img2dataset stores saved columns.
     """
     n = len(batch["__key__"])
-    image_suffix = next((s for s in WEBDATASET_IMAGE_SUFFIXES if s in batch), None)
+    # A tar may mix image members (a.jpg, b.png): each sample takes the one it has.
+    image_columns = [batch[s] for s in WEBDATASET_IMAGE_SUFFIXES if s in batch]
     metas = [_parse_json(v) for v in batch["json"]] if "json" in batch else [{}] * n
     out = {
         schema.KEY: _object_column(str(k).rsplit("/", 1)[-1] for k in batch["__key__"]),
-        schema.IMAGE: _object_column(_bytes_or_none(v) for v in batch[image_suffix])
-        if image_suffix
-        else np.full(n, None, dtype=object),
+        schema.IMAGE: _object_column(
+            next((image for column in image_columns if (image := _bytes_or_none(column[i])) is not None), None)
+            for i in range(n)
+        ),
         schema.TEXT: _object_column(_text_or_empty(t) for t in batch["txt"])
         if "txt" in batch
         else _object_column(m.get("caption") or "" for m in metas),

@@ -1,7 +1,8 @@
 """Input shards -> a Ray Dataset of normalized pair rows.
 
 ``plan_inputs`` runs on the driver before any cluster work: it lists the files, picks the format and
-checks every Parquet footer, so a missing column or a wrong type names the file at once.
+checks every Parquet footer and the end of every tar, so a missing column, a wrong type or a file cut
+short names the file at once.
 ``read_pairs`` then builds the lazy Ray Data pipeline.
 """
 
@@ -22,6 +23,8 @@ from raypipe.io import fs as rfs
 from raypipe.io.normalize import IMG2DATASET_OK, InputColumns, normalize_table, normalize_webdataset
 
 IMG2DATASET_COLUMNS = InputColumns(key="key", image="jpg", text="caption")
+TAR_BLOCK = 512
+TAR_END = b"\0" * (2 * TAR_BLOCK)  # the end-of-archive marker
 
 
 class InputError(ValueError):
@@ -46,6 +49,12 @@ def _is_text(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
+def _each_file(fn, files: list[str]) -> list:
+    """``fn`` over the files, in parallel: each is a small ranged read, slow only in its latency."""
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(fn, files))
+
+
 def _read_schemas(filesystem: pafs.FileSystem, files: list[str]) -> list[pa.Schema]:
     def read(path: str) -> pa.Schema:
         try:
@@ -53,8 +62,28 @@ def _read_schemas(filesystem: pafs.FileSystem, files: list[str]) -> list[pa.Sche
         except (OSError, pa.ArrowInvalid) as e:
             raise InputError(f"{path}: not a readable Parquet file ({e})") from None
 
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        return list(pool.map(read, files))
+    return _each_file(read, files)
+
+
+def _check_tars(filesystem: pafs.FileSystem, files: list[str]) -> None:
+    """A tar has no footer to check, but a complete one is whole 512-byte blocks ending in two zero
+    blocks. Ray's reader fails on an empty or non-tar file, and reads a tar cut short up to the cut
+    without an error (the rest of its rows silently lost): all three are named here instead."""
+
+    def check(path: str) -> None:
+        try:
+            with filesystem.open_input_file(path) as f:
+                size = f.size()
+                if size >= len(TAR_END) and size % TAR_BLOCK == 0:
+                    f.seek(size - len(TAR_END))
+                    if f.read(len(TAR_END)) == TAR_END:
+                        return
+        except OSError as e:
+            raise InputError(f"{path}: not readable ({e})") from None
+        why = "it is empty" if size == 0 else f"its {size} bytes do not end with the two zero blocks that close a tar"
+        raise InputError(f"{path}: not a complete tar archive ({why}: cut short, or not a tar); re-copy or re-create it")
+
+    _each_file(check, files)
 
 
 def _check_table_schema(path: str, table_schema: pa.Schema, columns: InputColumns, config_hint: bool) -> None:
@@ -87,6 +116,7 @@ def plan_inputs(data: DataConfig, storage: StorageConfig, extra_columns: tuple[s
         fmt, files = ("webdataset", tars) if tars else ("img2dataset_parquet", files)
 
     if fmt == "webdataset":
+        _check_tars(filesystem, files)
         stems = [f[: -len(".tar")] for f in files]
         infos = filesystem.get_file_info([s + ".parquet" for s in stems])
         metadata = tuple(i.path for i in infos if i.type == pafs.FileType.File)

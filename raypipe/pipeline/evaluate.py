@@ -16,6 +16,7 @@ from raypipe.metrics import confusion_matrix, per_class, summary
 from raypipe.pipeline.cluster import init_ray
 from raypipe.pipeline.predict import PREDICTED_ID, BundlePredictor
 from raypipe.pipeline.prepare import PREPARED_DIR, VOCAB_FILE, plan_prepare, prepared_dataset
+from raypipe.transforms.split import rows_of_split
 from raypipe.transforms.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -25,22 +26,43 @@ class EvaluateError(RuntimeError):
     """An evaluation that cannot run as configured."""
 
 
+MIN_CPUS_PER_ACTOR = 0.1  # below this, more actors only add processes (each holding the model), not compute
+
+
 def predictor_compute(predict: PredictSection, cluster: dict, cpus_per_actor: float = 1.0) -> dict:
     """map_batches arguments for a predictor actor pool that cannot take every CPU.
 
-    GPU actors: an autoscaling pool, one GPU each. CPU actors: a fixed pool (started at once, so no
-    actor starts late and the pool never shrinks and grows again) sharing the cluster's CPUs but one,
-    which stays for the preprocessing tasks; at least two actors (on a 2-CPU machine: two of 0.5 CPU,
-    each running the model on one thread, so one computes while the other waits for input)."""
+    GPU actors: an autoscaling pool, one GPU each (it starts with one actor, so it runs as soon as one
+    GPU is free). CPU actors: a fixed pool (started at once, so no actor starts late and the pool never
+    shrinks and grows again) sharing the cluster's CPUs but one, which stays for the preprocessing
+    tasks; at least two actors (on a 2-CPU machine: two of 0.5 CPU, each running the model on one
+    thread, so one computes while the other waits for input). A pool that could never run, or would
+    deadlock the preprocessing, is refused with what it asks for and what the cluster has."""
     from ray.data import ActorPoolStrategy
 
+    cpus, gpus = cluster.get("CPU", 0.0), int(cluster.get("GPU", 0))
     if predict.use_gpu:
-        gpus = int(cluster.get("GPU", 0))
         if gpus < 1:
-            raise EvaluateError("predict.use_gpu=true but the cluster has no GPU; set predict.use_gpu=false")
+            raise EvaluateError(
+                "predict.use_gpu=true asks for predictor actors with one GPU each; the cluster has no GPU "
+                f"({cpus:g} CPUs). Set predict.use_gpu=false, or start GPU nodes first (see docs/cluster.md)."
+            )
         return {"compute": ActorPoolStrategy(min_size=1, max_size=predict.max_actors or gpus), "num_gpus": 1}
-    spare = max(1.0, cluster.get("CPU", 1) - 1)
+    if cpus < 2:
+        raise EvaluateError(
+            f"CPU predictor actors need a cluster of at least 2 CPUs (one for reading and preprocessing, the "
+            f"rest for the actors); the cluster has {cpus:g}. Set ray.num_cpus=2 or more (logical CPUs may "
+            "exceed the cores), or add nodes."
+        )
+    spare = cpus - 1
     actors = predict.max_actors or max(2, int(spare))
+    if spare / actors < MIN_CPUS_PER_ACTOR:
+        raise EvaluateError(
+            f"predict.max_actors={actors} CPU predictor actors would share the {spare:g} CPU(s) left for "
+            f"prediction on this {cpus:g}-CPU cluster at {spare / actors:.3f} CPU each; at most "
+            f"{int(spare / MIN_CPUS_PER_ACTOR)} ({MIN_CPUS_PER_ACTOR} CPU each) are useful. Lower "
+            "predict.max_actors, or add nodes."
+        )
     return {
         "compute": ActorPoolStrategy(size=actors),
         "num_cpus": round(min(cpus_per_actor, spare / actors), 3),
@@ -74,19 +96,14 @@ def _rows_to_evaluate(cfg: EvaluateConfig, bundle):
     return prepared_dataset(plan, bundle.vocab, bundle.classes)
 
 
-def _rows_of_split(batch: dict[str, np.ndarray], split: str) -> dict[str, np.ndarray]:
-    keep = batch[schema.SPLIT] == split
-    return {name: column[keep] for name, column in batch.items()}
-
-
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     import ray
 
     bundle = load_bundle(cfg.bundle, cfg.storage)
-    output = rfs.resolve(cfg.output or f"{cfg.bundle.rstrip('/')}/evaluation", cfg.storage)
+    output = rfs.resolve_output(cfg.output or f"{cfg.bundle.rstrip('/')}/evaluation", cfg.storage)
     rows = _rows_to_evaluate(cfg, bundle)
     if cfg.which_split != "all":
-        rows = rows.map_batches(_rows_of_split, fn_args=(cfg.which_split,), batch_format="numpy")
+        rows = rows.map_batches(rows_of_split, fn_args=(cfg.which_split,), batch_format="numpy")
     predictions = rows.map_batches(
         BundlePredictor,
         fn_constructor_args=(cfg.bundle, cfg.storage, cfg.predict.top_k),

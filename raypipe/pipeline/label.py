@@ -78,8 +78,11 @@ class LabelError(RuntimeError):
 
 def output_names(files: list[str] | tuple[str, ...]) -> dict[str, str]:
     """Input file path -> output directory name: the file's stem, made unique with a short hash of
-    the full path when two inputs share a stem (a/x.parquet and b/x.parquet)."""
-    stems = {path: posixpath.splitext(posixpath.basename(path))[0] or "input" for path in files}
+    the full path when two inputs share a stem (a/x.parquet and b/x.parquet). An object store may hold
+    a key ending in "/.." ("s3://b/in/.."): such a stem is not used, as it would name a folder outside
+    the output."""
+    stems = {path: posixpath.splitext(posixpath.basename(path))[0] for path in files}
+    stems = {path: "input" if stem in ("", ".", "..") else stem for path, stem in stems.items()}
     counts = Counter(stems.values())
     return {
         path: stem if counts[stem] == 1 else f"{stem}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
@@ -337,7 +340,7 @@ def plan_label(cfg: LabelJobConfig) -> LabelPlan:
     inputs = plan_inputs(cfg.data, cfg.storage, tuple(dict.fromkeys(cfg.data.keep_columns)))
     if bundle.text.lemmatize:
         ensure_wordnet()
-    out = rfs.resolve(cfg.output, cfg.storage)
+    out = rfs.resolve_output(cfg.output, cfg.storage)
     _check_job_file(cfg, out, bundle)
     files = input_files(inputs)
     if cfg.overwrite:

@@ -67,7 +67,7 @@ def _label_inputs(cfg: DataSections) -> tuple[str, ...]:
 
 
 def _check_output(cfg: PrepareConfig) -> rfs.Location:
-    out = rfs.resolve(cfg.output, cfg.storage)
+    out = rfs.resolve_output(cfg.output, cfg.storage)
     prepared = out.join(PREPARED_DIR)
     if rfs.is_nonempty_dir(prepared):
         if not cfg.overwrite:

@@ -10,6 +10,8 @@ import hashlib
 
 import numpy as np
 
+from raypipe import schema
+
 TRAIN, VAL = "train", "val"
 
 
@@ -27,3 +29,15 @@ def validation_mask(keys: np.ndarray, val_fraction: float, salt: str = "raypipe"
 
 def assign_split(keys: np.ndarray, val_fraction: float, salt: str = "raypipe") -> np.ndarray:
     return np.where(validation_mask(keys, val_fraction, salt), VAL, TRAIN).astype(object)
+
+
+def rows_of_split(
+    batch: dict[str, np.ndarray], split: str, usable_only: bool = False, columns: list[str] | None = None
+) -> dict[str, np.ndarray]:
+    """The rows of one split (with ``usable_only``, only those with status ok), with ``columns`` (default all).
+
+    Lives here, not beside the train loop, so the Ray Data workers that run it never import torch."""
+    keep = batch[schema.SPLIT] == split
+    if usable_only:
+        keep &= batch[schema.STATUS] == schema.Status.OK.value
+    return {name: batch[name][keep] for name in columns or batch}

@@ -1,0 +1,94 @@
+"""A TCP proxy in front of a real server that can drop every connection for a while: an object store
+that is unreachable for a few seconds, for the storage-fault tests."""
+
+from __future__ import annotations
+
+import re
+import socket
+import struct
+import threading
+import time
+
+
+def _close(sock: socket.socket, reset: bool = False) -> None:
+    """Closes ``sock`` and wakes a thread blocked on it; ``reset``: with a TCP reset, as a crashed or
+    restarting server does."""
+    try:
+        if reset:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+class FlakyProxy:
+    """Forwards 127.0.0.1:<port> to 127.0.0.1:<target_port>. During an outage it resets every open
+    connection and every new one (counted in ``dropped``). An outage starts with ``outage(seconds)``,
+    or when a given request passes (``outage_on``): a fault in the middle of a job."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.dropped = 0
+        self.outages = 0
+        self._down_until = 0.0
+        self._trigger: tuple[re.Pattern, float] | None = None
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def outage(self, seconds: float) -> None:
+        with self._lock:
+            self._down_until = time.monotonic() + seconds
+            self.outages += 1
+            for sock in self._open:
+                _close(sock, reset=True)
+            self._open.clear()
+
+    def outage_on(self, request: bytes, seconds: float) -> None:
+        """The first request matching the regular expression ``request`` starts an outage of ``seconds``
+        (and is dropped)."""
+        self._trigger = (re.compile(request, re.MULTILINE), seconds)
+
+    def down(self) -> bool:
+        return time.monotonic() < self._down_until
+
+    def close(self) -> None:
+        _close(self._listener)
+        self.outage(0)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            if self.down():
+                self.dropped += 1
+                _close(client, reset=True)
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                self._open.update((client, upstream))
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, requests: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if requests and self._trigger and self._trigger[0].search(data):
+                    seconds, self._trigger = self._trigger[1], None
+                    self.outage(seconds)
+                    return
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self._open.discard(source)
+                self._open.discard(sink)
+            _close(source)
+            _close(sink)
