@@ -8,6 +8,7 @@ Credentials are never part of a config: they come from the environment or the in
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -166,6 +167,13 @@ class RayConfig(Section):
         "small input overlap (labeling 10 shards of 384 px JPEGs: 16 MiB gave 436 pairs/s, 128 gave 365 on "
         "2 cores) but stalled the read of a 100-shard input on 2 CPUs (269 vs 658 pairs/s at 128).",
     )
+    object_store_mib: int | None = Field(
+        None,
+        ge=64,
+        description="Ray Data's object-store budget for this job's blocks in flight between stages, whole cluster, MiB "
+        "(a soft limit; backpressure holds the readers back). Default: Ray's, half the object store (30% of RAM), "
+        "so a fast reader ahead of a slow model buffers up to that much.",
+    )
 
 
 class ReadSections(Section):
@@ -290,6 +298,19 @@ class ModelSection(Section):
     bidirectional: bool = Field(False, description="Bidirectional LSTM.")
     fc_dims: list[int] = Field([256], description="Hidden sizes of the fully connected layers after concatenation.")
     dropout: float = Field(0.5, ge=0.0, lt=1.0, description="Dropout before each fully connected layer.")
+    modality_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="fusion, training only: this share of the samples loses the image or the text features "
+        "(zeroed, a coin flip which), so neither branch leans on the other (a departure; the paper has none).",
+    )
+    aux_heads: bool = Field(
+        False,
+        description="fusion: also a linear classifier on each branch's features, trained with its own loss "
+        "(weight optim.aux_loss_weight) so each branch keeps learning after the other has fitted the training "
+        "set; predictions still come from the fused head (a departure; the paper has none).",
+    )
 
 
 class OptimSection(Section):
@@ -305,6 +326,14 @@ class OptimSection(Section):
     )
     shuffle_buffer: int = Field(2000, ge=0, description="Rows in each worker's local shuffle buffer (0: no shuffle).")
     seed: int = Field(0, description="Seed of model initialisation and shuffling.")
+    aux_loss_weight: float = Field(
+        0.5, ge=0, description="Weight of each branch's own loss when model.aux_heads is on (fusion)."
+    )
+    augment: bool = Field(
+        False,
+        description="Random horizontal flips and shifts of up to 1/16 of the image side (edges repeated) of the "
+        "training images, drawn anew every epoch (a departure; the paper has none).",
+    )
 
 
 class ScalingSection(Section):
@@ -317,12 +346,31 @@ class ScalingSection(Section):
         "(a trainer that takes every CPU starves its own input pipeline).",
     )
     amp: bool = Field(True, description="Mixed precision (bfloat16/float16 autocast) when training on GPU.")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="PyTorch intra-op threads per worker when training on CPU. Default: the node's cores divided "
+        "by the workers on it (Ray alone would give a 1-CPU worker one thread and leave the other cores idle).",
+    )
+
+
+# A config value that becomes one folder name: it cannot name a path outside the folder it is put in.
+FOLDER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+def _folder_name(value: Any) -> Any:
+    if isinstance(value, str) and not re.fullmatch(FOLDER_NAME_PATTERN, value):
+        raise ValueError(
+            "must be a single folder name: letters, digits, '.', '_' and '-', starting with a letter or digit, "
+            "at most 128 characters (no '/', '\\', '..' or absolute path: it becomes part of the output path)"
+        )
+    return value
 
 
 class RunSection(Section):
     name: str = Field(
         "raypipe-train",
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        pattern=FOLDER_NAME_PATTERN,
         description="Run name. Re-running with the same name and storage_path resumes from the last checkpoint.",
     )
     storage_path: str = Field(
@@ -330,6 +378,8 @@ class RunSection(Section):
     )
     num_to_keep: int = Field(2, ge=1, description="Checkpoints kept per run (the newest).")
     max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (restarts from the last checkpoint).")
+
+    _name_is_a_folder = field_validator("name", mode="before")(_folder_name)
 
 
 class TrainConfig(DataSections):

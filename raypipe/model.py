@@ -37,11 +37,15 @@ class ModelConfig:
     bidirectional: bool = False
     fc_dims: tuple[int, ...] = (256,)  # hidden FC layers after the concatenation
     dropout: float = 0.5  # before each FC layer
+    modality_dropout: float = 0.0  # fusion, training only: share of samples that lose one branch (a departure)
+    aux_heads: bool = False  # fusion: a linear classifier per branch, trained beside the fused one (a departure)
 
     def __post_init__(self):
         self.conv_channels, self.fc_dims = tuple(self.conv_channels), tuple(self.fc_dims)  # lists from JSON
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not 0.0 <= self.modality_dropout < 1.0:
+            raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
         if self.num_classes < 1 or self.vocab_size < 2 or not self.conv_channels:
             raise ValueError(f"need num_classes >= 1, vocab_size >= 2 and conv blocks: {self}")
         if self.image_size >> len(self.conv_channels) < 1:
@@ -129,21 +133,55 @@ class FusionClassifier(nn.Module):
             layers += [nn.Dropout(config.dropout), nn.Linear(in_dim, dim), nn.ReLU(inplace=True)]
             in_dim = dim
         self.head = nn.Sequential(*layers, nn.Dropout(config.dropout), nn.Linear(in_dim, config.num_classes))
+        # One classifier per branch with its own loss: each branch keeps learning after the other one
+        # has fitted the training set (Wang et al. 2020, "What makes training multi-modal classification
+        # networks hard?"). Used in training only; predictions come from the fused head.
+        self.aux = None
+        if config.aux_heads and config.mode == "fusion":
+            self.aux = nn.ModuleList(
+                nn.Sequential(nn.Dropout(config.dropout), nn.Linear(branch.out_dim, config.num_classes))
+                for branch in (self.image, self.text)
+            )
         self.apply(_init_weights)
         # Near-zero logits at the start: the initial loss is ln(num_classes), not a confident guess.
-        nn.init.normal_(self.head[-1].weight, std=0.01)
+        for classifier in [self.head, *(self.aux or [])]:
+            nn.init.normal_(classifier[-1].weight, std=0.01)
 
-    def forward(self, image: Tensor | None, tokens: Tensor | None) -> Tensor:
-        return self.forward_with_attention(image, tokens)[0]
+    def forward(self, image: Tensor | None, tokens: Tensor | None, with_aux: bool = False):
+        """Logits [B, num_classes]; with ``with_aux`` (training), also the per-branch logits (a list,
+        empty without aux heads)."""
+        features, _ = self._features(image, tokens)
+        logits = self._fuse(features)
+        if not with_aux:
+            return logits
+        return logits, [head(f) for head, f in zip(self.aux or [], features)]  # [B, num_classes] each
 
     def forward_with_attention(self, image: Tensor | None, tokens: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        features, attention = self._features(image, tokens)
+        return self._fuse(features), attention  # [B, num_classes], [B, L] | None
+
+    def _features(self, image: Tensor | None, tokens: Tensor | None) -> tuple[list[Tensor], Tensor | None]:
         features, attention = [], None
         if self.image is not None:
             features.append(self.image(image))  # [B, F]
         if self.text is not None:
             text_features, attention = self.text(tokens)  # [B, D], [B, L]
             features.append(text_features)
-        return self.head(torch.cat(features, dim=1)), attention  # [B, num_classes], [B, L] | None
+        return features, attention
+
+    def _fuse(self, features: list[Tensor]) -> Tensor:
+        if self.training and self.config.modality_dropout > 0 and len(features) == 2:
+            features = self._drop_one_branch(*features)
+        return self.head(torch.cat(features, dim=1))
+
+    def _drop_one_branch(self, image_features: Tensor, text_features: Tensor) -> list[Tensor]:
+        """Zeroes the image or the text features (a coin flip) of a random share of the samples, so
+        neither branch can lean on the other: the one that fits the training set first (here the
+        CNN) would otherwise leave the other little gradient to learn from."""
+        B = image_features.shape[0]
+        dropped = torch.rand(B, 1, device=image_features.device) < self.config.modality_dropout  # [B, 1]
+        image_side = torch.rand(B, 1, device=image_features.device) < 0.5
+        return [image_features * ~(dropped & image_side), text_features * ~(dropped & ~image_side)]
 
 
 def _init_weights(module: nn.Module) -> None:

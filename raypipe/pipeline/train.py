@@ -38,7 +38,7 @@ from raypipe.pipeline.prepare import (
     prepared_dataset,
 )
 from raypipe.transforms.image import ImageOptions
-from raypipe.transforms.split import TRAIN, VAL
+from raypipe.transforms.split import TRAIN, VAL, rows_of_split
 from raypipe.transforms.text import TextOptions
 from raypipe.transforms.vocab import Vocabulary
 
@@ -65,15 +65,11 @@ class TrainingData:
     class_counts: dict[str, int]
 
 
-def rows_of_split(batch: dict[str, np.ndarray], split: str) -> dict[str, np.ndarray]:
-    """The usable rows of one split, with only the columns the model reads."""
-    keep = (batch[schema.STATUS] == schema.Status.OK.value) & (batch[schema.SPLIT] == split)
-    return {name: batch[name][keep] for name in MODEL_COLUMNS}
-
-
 def _split_datasets(ds) -> tuple[object, object]:
     ds = ds.select_columns([*MODEL_COLUMNS, schema.STATUS, schema.SPLIT])
-    return tuple(ds.map_batches(rows_of_split, fn_args=(s,), batch_format="numpy") for s in (TRAIN, VAL))
+    return tuple(
+        ds.map_batches(rows_of_split, fn_args=(s, True, MODEL_COLUMNS), batch_format="numpy") for s in (TRAIN, VAL)
+    )
 
 
 def load_training_data(cfg: TrainConfig) -> TrainingData:
@@ -130,6 +126,21 @@ def class_weights(classes: tuple[str, ...], counts: dict[str, int]) -> list[floa
     return weights.tolist()
 
 
+def augment_images(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """uint8 [B, S, S, 3] -> the same images, each flipped left-right with probability 1/2 and
+    shifted by up to S/16 pixels each way; pixels shifted in repeat the edge (white stays white)."""
+    B, S = images.shape[:2]
+    shift = max(1, S // 16)
+    dy, dx = torch.randint(-shift, shift + 1, (2, B, 1), generator=generator)  # [B, 1] each
+    flip = torch.rand(B, 1, generator=generator) < 0.5
+    grid = torch.arange(S)
+    rows = (grid + dy).clamp(0, S - 1)  # [B, S]
+    cols = (grid + dx).clamp(0, S - 1)
+    cols = torch.where(flip, S - 1 - cols, cols)
+    rows, cols = rows.to(images.device), cols.to(images.device)
+    return images[torch.arange(B, device=images.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
 # --- inside each Ray Train worker ------------------------------------------------------------
 
 
@@ -166,6 +177,11 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config["seed"] + rank)
     device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        # Ray sets OMP_NUM_THREADS to the CPUs reserved (1 here), but CPU training is bound by torch's
+        # intra-op threads; the CPU kept free for Ray Data is mostly idle once the data is prepared.
+        cores = len(os.sched_getaffinity(0))
+        torch.set_num_threads(config["torch_threads"] or max(1, cores // context.get_local_world_size()))
     model = FusionClassifier(ModelConfig.from_dict(config["model"]))
     progress = {"epoch": 0, "history": [], "best_epoch": None, "best_val_accuracy": -1.0, "stale_epochs": 0}
     checkpoint = ray.train.get_checkpoint()
@@ -190,6 +206,7 @@ def train_loop_per_worker(config: dict) -> None:
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
     num_classes = config["model"]["num_classes"]
     per_worker_batch = max(1, config["batch_size"] // world)
+    augmenter = torch.Generator().manual_seed(config["seed"] * 1000 + rank) if config["augment"] else None
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
 
     patience = config["early_stopping_patience"]
@@ -199,9 +216,12 @@ def train_loop_per_worker(config: dict) -> None:
         model.train()
         sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss x rows, rows
         for batch in _batches(train_shard, per_worker_batch, device, config["shuffle_buffer"], config["seed"] + epoch):
+            images = batch[schema.IMAGE] if augmenter is None else augment_images(batch[schema.IMAGE], augmenter)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                logits = model(batch[schema.IMAGE], batch[schema.TOKENS])
+                logits, aux_logits = model(images, batch[schema.TOKENS], with_aux=True)
                 loss = loss_fn(logits.float(), batch[schema.LABEL_ID])
+                for branch_logits in aux_logits:
+                    loss = loss + config["aux_loss_weight"] * loss_fn(branch_logits.float(), batch[schema.LABEL_ID])
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -268,7 +288,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 def _run_storage(cfg: TrainConfig) -> tuple[str, object]:
     """(storage_path, filesystem) for RunConfig; local paths are made absolute."""
-    loc = rfs.resolve(cfg.run.storage_path, cfg.storage)
+    loc = rfs.resolve_output(cfg.run.storage_path, cfg.storage)
     return loc.path, loc.fs
 
 
@@ -278,21 +298,12 @@ def run_train(cfg: TrainConfig) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    storage_path, storage_fs = _run_storage(cfg)  # a run that cannot write its checkpoints fails first
     data = load_training_data(cfg)  # checks inputs, then starts Ray
     resources = plan_worker_resources(cfg.scaling, ray.cluster_resources())
+    # ModelSection's fields are ModelConfig's; the data decides the rest.
     model_config = ModelConfig(
-        num_classes=len(data.classes),
-        vocab_size=len(data.vocab),
-        mode=cfg.model.mode,
-        image_size=data.image.size,
-        conv_channels=tuple(cfg.model.conv_channels),
-        batch_norm=cfg.model.batch_norm,
-        embed_dim=cfg.model.embed_dim,
-        lstm_hidden=cfg.model.lstm_hidden,
-        lstm_layers=cfg.model.lstm_layers,
-        bidirectional=cfg.model.bidirectional,
-        fc_dims=tuple(cfg.model.fc_dims),
-        dropout=cfg.model.dropout,
+        num_classes=len(data.classes), vocab_size=len(data.vocab), image_size=data.image.size, **cfg.model.model_dump()
     )
     loop_config = {
         "model": model_config.to_dict(),
@@ -304,9 +315,11 @@ def run_train(cfg: TrainConfig) -> dict:
         "class_weights": class_weights(data.classes, data.class_counts) if cfg.optim.class_weighting == "balanced" else None,
         "shuffle_buffer": cfg.optim.shuffle_buffer,
         "seed": cfg.optim.seed,
+        "augment": cfg.optim.augment,
+        "aux_loss_weight": cfg.optim.aux_loss_weight,
         "amp": cfg.scaling.amp,
+        "torch_threads": cfg.scaling.torch_threads,
     }
-    storage_path, storage_fs = _run_storage(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

@@ -153,3 +153,47 @@ def test_flops_and_parameter_counts():
             assert flops_per_sample(small) == flops_per_sample(large)  # no image branch
         else:
             assert flops_per_sample(large) > flops_per_sample(small)
+
+
+def test_modality_dropout_zeroes_one_branch_of_some_samples_in_training_only():
+    config = ModelConfig(num_classes=N, vocab_size=VOCAB, modality_dropout=0.5, **SMALL)
+    model = FusionClassifier(config).train()
+    image_features, text_features = torch.ones(4000, 6), torch.ones(4000, 3)
+    kept_image, kept_text = model._drop_one_branch(image_features, text_features)
+    image_dropped, text_dropped = kept_image.sum(1) == 0, kept_text.sum(1) == 0
+    assert not torch.any(image_dropped & text_dropped)  # never both
+    assert torch.all((kept_image.sum(1) == 6) | image_dropped)  # whole branches, nothing scaled
+    assert 0.2 < image_dropped.float().mean() < 0.3 and 0.2 < text_dropped.float().mean() < 0.3
+    images, tokens = make_batch(size=32)
+    reference = FusionClassifier(ModelConfig(num_classes=N, vocab_size=VOCAB, **SMALL))
+    reference.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model.eval()(images, tokens), reference.eval()(images, tokens))
+
+
+def test_modality_dropout_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="modality_dropout"):
+        ModelConfig(num_classes=N, vocab_size=VOCAB, modality_dropout=1.0)
+
+
+def test_aux_heads_train_each_branch_and_leave_predictions_to_the_fused_head():
+    config = ModelConfig(num_classes=N, vocab_size=VOCAB, aux_heads=True, **SMALL)
+    model = FusionClassifier(config).train()
+    images, tokens = make_batch(size=32)
+    logits, aux_logits = model(images, tokens, with_aux=True)
+    assert logits.shape == (B, N) and [tuple(a.shape) for a in aux_logits] == [(B, N), (B, N)]
+    labels = torch.arange(B) % N
+    loss = sum(torch.nn.functional.cross_entropy(x, labels) for x in [logits, *aux_logits])
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name  # DDP: the aux heads take part too
+    model.eval()
+    torch.testing.assert_close(model(images, tokens), model.forward_with_attention(images, tokens)[0])
+    assert model(images, tokens, with_aux=True)[0].shape == (B, N)
+
+
+@pytest.mark.parametrize("mode", ["image", "text"])
+def test_single_branch_models_have_no_aux_heads(mode):
+    model = FusionClassifier(ModelConfig(num_classes=N, vocab_size=VOCAB, mode=mode, aux_heads=True, **SMALL))
+    assert model.aux is None
+    images, tokens = make_batch(size=32)
+    assert model(images, tokens, with_aux=True)[1] == []
