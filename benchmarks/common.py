@@ -227,6 +227,17 @@ class ProcessSampler:
         self._sample()
 
 
+def env_pairs(items: list[str], error) -> dict[str, str]:
+    """``["NAME=VALUE", ...]`` (repeated ``--env`` options) -> a dict; ``error(message)`` on a bad item."""
+    env = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            error(f"--env expects NAME=VALUE, got {item!r}")
+        env[name] = value
+    return env
+
+
 def rate(count: float, seconds: float) -> float | None:
     return round(count / seconds, 1) if seconds and seconds > 0 else None
 

@@ -163,6 +163,7 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", help="where the sample is cached (default: $TMPDIR/raypipe-bench/label-...)")
     p.add_argument("--skip-plain", action="store_true", help="only the job (e.g. to re-measure memory)")
     p.add_argument("--job-arg", action="append", default=[], help="extra section.field=value for the job")
+    p.add_argument("--tag", help="results file suffix: label_throughput-<tag>.json")
     return p.parse_args(argv)
 
 
@@ -215,7 +216,7 @@ def main(argv=None) -> int:
         line.append(f"peak memory {peaks[small]} MiB @ {small} rows, {peaks[large]} MiB @ {large} rows -> "
                     f"{results['memory_ratio']}x (target <= 1.2)")
     print("; ".join(line))
-    print(f"results: {write_results('label_throughput', results)}")
+    print(f"results: {write_results('label_throughput' + (f'-{args.tag}' if args.tag else ''), results)}")
     return 0
 
 

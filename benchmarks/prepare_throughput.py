@@ -54,7 +54,8 @@ import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from common import (  # noqa: E402
-    ProcessSampler, load_average, machine_info, process_tree, rate, system_cpu_seconds, timed, write_results,
+    ProcessSampler, env_pairs, load_average, machine_info, process_tree, rate, system_cpu_seconds, timed,
+    write_results,
 )
 
 THUMB = (64, 64)
@@ -429,12 +430,7 @@ def parse_args(argv=None):
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     if not set(args.formats) <= {"parquet", "webdataset"}:
         p.error("--formats: parquet and/or webdataset")
-    env = {}
-    for item in args.env:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            p.error(f"--env expects NAME=VALUE, got {item!r}")
-        env[name] = value
+    env = env_pairs(args.env, p.error)
     if args.parquet_bin_bytes:
         env["RAY_DATA_PARQUET_BIN_PACKING_BYTES"] = str(args.parquet_bin_bytes)
     args.env = env
