@@ -44,9 +44,12 @@ class FlakyProxy:
         with self._lock:
             self._down_until = time.monotonic() + seconds
             self.outages += 1
-            for sock in self._open:
-                _close(sock, reset=True)
-            self._open.clear()
+            self._reset_open_connections()
+
+    def _reset_open_connections(self) -> None:  # (holding the lock)
+        for sock in self._open:
+            _close(sock, reset=True)
+        self._open.clear()
 
     def outage_on(self, request: bytes, seconds: float) -> None:
         """The first request matching the regular expression ``request`` starts an outage of ``seconds``
@@ -58,7 +61,8 @@ class FlakyProxy:
 
     def close(self) -> None:
         _close(self._listener)
-        self.outage(0)
+        with self._lock:
+            self._reset_open_connections()
 
     def _accept(self) -> None:
         while True:
@@ -76,12 +80,21 @@ class FlakyProxy:
             threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
 
+    def _take_trigger(self, data: bytes) -> bool:
+        """Starts the outage if ``data`` is the first request to match the trigger (once, whatever
+        the number of connections)."""
+        with self._lock:
+            trigger = self._trigger
+            if trigger is None or not trigger[0].search(data):
+                return False
+            self._trigger = None
+        self.outage(trigger[1])
+        return True
+
     def _pipe(self, source: socket.socket, sink: socket.socket, requests: bool) -> None:
         try:
             while data := source.recv(65536):
-                if requests and self._trigger and self._trigger[0].search(data):
-                    seconds, self._trigger = self._trigger[1], None
-                    self.outage(seconds)
+                if requests and self._take_trigger(data):
                     return
                 sink.sendall(data)
         except OSError:
