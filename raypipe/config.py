@@ -346,6 +346,13 @@ class ScalingSection(Section):
         "(a trainer that takes every CPU starves its own input pipeline).",
     )
     amp: bool = Field(True, description="Mixed precision (bfloat16/float16 autocast) when training on GPU.")
+    cache_mib: int = Field(
+        2048,
+        ge=0,
+        description="With `prepared`: keep the training and validation rows in Ray's object store after one read "
+        "when they take at most this many MiB decoded, so later epochs do not read and filter the Parquet again "
+        "(Ray Train's advice for data that fits). 0: read from storage every epoch.",
+    )
     torch_threads: int | None = Field(
         None,
         ge=1,

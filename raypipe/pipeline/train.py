@@ -87,15 +87,25 @@ def load_training_data(cfg: TrainConfig) -> TrainingData:
     vocab = Vocabulary.from_json(rfs.read_text(root.join(VOCAB_FILE)))
     classes = tuple(json.loads(rfs.read_text(root.join(CLASSES_FILE))))
     prepare_cfg = json.loads(rfs.read_text(root.join(CONFIG_FILE)))
-    counts = json.loads(rfs.read_text(root.join(STATS_FILE))).get("ok_by_class", {})
+    stats = json.loads(rfs.read_text(root.join(STATS_FILE)))
     if not classes:
         raise TrainError(f"{cfg.prepared} has no classes (prepared with labels.source=none?); training needs labels")
+    image = ImageOptions(**prepare_cfg["image"])
+    text = TextOptions.from_dict(prepare_cfg["text"])
     init_ray(cfg.ray)
     prepared = root.join(PREPARED_DIR)
     train, val = _split_datasets(ray.data.read_parquet(prepared.path, filesystem=prepared.fs))
-    image = ImageOptions(**prepare_cfg["image"])
-    text = TextOptions.from_dict(prepare_cfg["text"])
-    return TrainingData(train, val, vocab, classes, image, text, counts)
+    decoded_mib = stats.get("rows_ok", 0) * decoded_row_bytes(image, text) / 2**20
+    if cfg.scaling.cache_mib and decoded_mib <= cfg.scaling.cache_mib:
+        log.info("caching the %.0f MiB of prepared rows in the object store (scaling.cache_mib=%d)",
+                 decoded_mib, cfg.scaling.cache_mib)
+        train, val = train.materialize(), val.materialize()
+    return TrainingData(train, val, vocab, classes, image, text, stats.get("ok_by_class", {}))
+
+
+def decoded_row_bytes(image: ImageOptions, text: TextOptions) -> int:
+    """Object-store bytes of one training row (MODEL_COLUMNS): uint8 pixels, int64 token ids, the label id."""
+    return image.size * image.size * 3 + text.max_len * 8 + 8
 
 
 def plan_worker_resources(scaling: ScalingSection, cluster: dict) -> dict:

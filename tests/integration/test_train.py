@@ -6,6 +6,7 @@ Trainer runs cost ~30-60 s each here, so this module starts as few as it can and
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
@@ -16,7 +17,7 @@ from raypipe.config import EvaluateConfig, PrepareConfig, StorageConfig, TrainCo
 from raypipe.io.fs import resolve
 from raypipe.pipeline.evaluate import run_evaluate
 from raypipe.pipeline.prepare import run_prepare
-from raypipe.pipeline.train import TrainError, plan_worker_resources, run_train
+from raypipe.pipeline.train import TrainError, load_training_data, plan_worker_resources, run_train
 from raypipe.sample import SampleSpec, write_sample
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -75,3 +76,16 @@ def test_worker_resources_leave_a_cpu_for_data():
         plan_worker_resources(load_config(TrainConfig, None, ["scaling.cpus_per_worker=1", "scaling.num_workers=2"]).scaling, {"CPU": 2.0})
     with pytest.raises(TrainError, match="has 0 GPU"):
         plan_worker_resources(load_config(TrainConfig, None, ["scaling.use_gpu=true"]).scaling, {"CPU": 8.0})
+
+
+@pytest.mark.parametrize("cache_mib, cached", [(2048, True), (1, False), (0, False)])
+def test_prepared_rows_are_cached_only_when_they_fit_the_budget(prepared, cache_mib, cached):
+    """480 pairs of 64x64 images decode to ~6 MiB: kept after one read under a 2 GiB budget, streamed
+    from storage under 1 MiB or with caching off. The same rows either way."""
+    from ray.data.dataset import MaterializedDataset
+
+    data = load_training_data(load_config(TrainConfig, None, [f"prepared={prepared}", f"scaling.cache_mib={cache_mib}"]))
+    stats = json.loads((Path(prepared) / "stats.json").read_text())
+    for split, ds in (("train", data.train), ("val", data.val)):
+        assert isinstance(ds, MaterializedDataset) == cached
+        assert ds.count() == stats["ok_by_split"][split]
