@@ -1,6 +1,6 @@
 """Training: `jobs/train.py` (1 and 2 workers) beside a plain single-process PyTorch loop.
 
-    python benchmarks/train_throughput.py [--pairs 4000] [--epochs 4] [--mode fusion] [--workers 1,2]
+    python benchmarks/train_throughput.py [--pairs 4000] [--epochs 6] [--mode fusion] [--workers 1,2]
 
 Inputs: the built-in sample (``raypipe.sample``, img2dataset Parquet shards), prepared once with
 ``jobs/prepare.py`` (64x64 images, 32 tokens) and cached under ``$TMPDIR/raypipe-bench/``; both
@@ -128,7 +128,7 @@ def train_job(prepared: Path, workers: int, args, storage: Path) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", type=int, default=4000, help="sample pairs (80%% of them train)")
-    p.add_argument("--epochs", type=int, default=4, help="epochs per side (the first is not counted)")
+    p.add_argument("--epochs", type=int, default=6, help="epochs per side (the first is not counted)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch size, both sides (the paper: 32)")
     p.add_argument("--mode", default="fusion", choices=["fusion", "image", "text"])
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts for the job")
