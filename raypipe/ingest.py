@@ -531,7 +531,7 @@ def existing_shards(output: rfs.Location) -> list[str]:
 
 def _check_output(cfg: IngestConfig) -> tuple[rfs.Location, list[str]]:
     """The output location and the shard files already there (refused unless overwrite=true)."""
-    output = rfs.resolve(cfg.output, cfg.storage)
+    output = rfs.resolve_output(cfg.output, cfg.storage)
     present = existing_shards(output)
     if present and not cfg.overwrite:
         raise IngestError(f"{cfg.output} already holds {len(present)} shard file(s); pass overwrite=true to replace them")

@@ -27,7 +27,8 @@ from tiny import PAIR_COLUMNS, write_bundle, write_pairs
 
 from raypipe.bundle import BundleError
 from raypipe.cli import register_user_error, run_job
-from raypipe.config import LabelJobConfig, PrepareConfig, StorageConfig, load_config
+from raypipe.config import IngestConfig, LabelJobConfig, PrepareConfig, StorageConfig, load_config
+from raypipe.ingest import run_ingest
 from raypipe.io import fs as rfs
 from raypipe.io.fs import StorageError
 from raypipe.pipeline.label import plan_label
@@ -129,6 +130,14 @@ def test_a_missing_bucket_is_named(store):
         plan_label_job([*label_args(store), "bundle=s3://no-such-bucket/bundle"])
     with pytest.raises(StorageError, match="s3://no-such-bucket/labels: there is no bucket"):
         plan_label_job([*label_args(store), "output=s3://no-such-bucket/labels"])
+
+
+def test_ingest_names_a_missing_output_bucket_before_it_fetches_anything(s3_endpoint, tmp_path):
+    manifest = tmp_path / "pairs.csv"
+    manifest.write_text("image,text,label\nhttp://127.0.0.1:9/never-fetched.jpg,a red car,car\n")
+    cfg = load_config(IngestConfig, None, [f"manifest=[{manifest}]", "output=s3://no-such-bucket/shards"])
+    with pytest.raises(StorageError, match="s3://no-such-bucket/shards: there is no bucket 'no-such-bucket'"):
+        run_ingest(cfg)
 
 
 @pytest.fixture(scope="module")
