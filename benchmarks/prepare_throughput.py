@@ -23,7 +23,9 @@ Image rates count decoded images (rows whose download succeeded), in every figur
 Experiments without touching the library (results go to a tagged file, prepare_throughput-<tag>.json):
 ``--parquet-bin-bytes N`` (RAY_DATA_PARQUET_BIN_PACKING_BYTES), ``--env NAME=VALUE`` (environment
 of the Ray cluster, e.g. RAY_DATA_USE_DATASOURCE_V2=0, RAY_DATA_PARQUET_FOOTER_NUM_ACTORS=1),
-``--data-context FIELD=VALUE`` (a ray.data.DataContext field).
+``--data-context FIELD=VALUE`` (a ray.data.DataContext field), ``--job-arg section.field=value`` (a
+prepare setting, e.g. ``ray.parquet_reader_v2=true`` or ``ray.reserve_per_operator=true``: these two
+are set on the DataContext by the job itself, from its config).
 
 The machine may be shared: every phase records how many cores other processes used meanwhile
 (``others_cores_busy``) and the script says so when that makes the figures unreliable. The CPU
@@ -250,7 +252,7 @@ def prepare_run(label: str, input_dir: Path, images: int, args, out_root: Path) 
     ]
     if args.batch_size:
         overrides.append(f"ray.batch_size={args.batch_size}")
-    cfg = load_config(PrepareConfig, overrides=overrides)
+    cfg = load_config(PrepareConfig, overrides=[*overrides, *args.job_arg])
     known = len(ray.data.list_stats_summaries())
     tree0 = process_tree()
     sys0 = system_cpu_seconds()
@@ -422,6 +424,8 @@ def parse_args(argv=None):
         help="set a ray.data.DataContext field (value read as JSON, else text), e.g. "
         "op_resource_reservation_enabled=false (repeatable; for experiments)",
     )
+    p.add_argument("--job-arg", action="append", default=[], help="extra section.field=value for prepare, e.g. "
+                   "ray.parquet_reader_v2=true (init_ray sets those DataContext fields from the config)")
     p.add_argument("--sample-interval", type=float, default=0.5, help="seconds between process-tree samples")
     p.add_argument("--idle-seconds", type=float, default=5.0, help="measure the idle cluster's CPU for this long")
     p.add_argument("--data-dir", default=None, help="where the sample is (generated if absent)")
@@ -444,10 +448,10 @@ def parse_args(argv=None):
         except json.JSONDecodeError:
             fields[name] = raw
     args.data_context = fields
-    if args.tag is None and (env or fields):
+    if args.tag is None and (env or fields or args.job_arg):
         args.tag = "-".join(
             [f"{k.removeprefix('RAY_DATA_').lower()}={v}" for k, v in env.items()]
-            + [f"{k}={v}" for k, v in fields.items()]
+            + [f"{k}={v}" for k, v in fields.items()] + args.job_arg
         )
     return args
 
@@ -552,7 +556,7 @@ def main(argv=None) -> int:
         "params": {
             "pairs": args.pairs, "image_size": list(args.image_size), "shard_size": args.shard_size,
             "seed": args.seed, "cores": k, "repeats": args.repeats, "formats": args.formats,
-            "batch_size": args.batch_size, "env": args.env, "data_context": args.data_context,
+            "batch_size": args.batch_size, "env": args.env, "data_context": args.data_context, "job_args": args.job_arg,
             "data_dir": str(data_root), "parquet_files": len(files),
             "parquet_bytes": sum(f.stat().st_size for f in files),
         },

@@ -27,6 +27,8 @@ def init_ray(cfg: RayConfig) -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars and os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") != "1"
     ctx.target_max_block_size = cfg.block_mib << 20
+    ctx.use_datasource_v2 = cfg.parquet_reader_v2
+    ctx.op_resource_reservation_enabled = cfg.reserve_per_operator
     if cfg.object_store_mib is not None:
         limits = ctx.execution_options.resource_limits
         ctx.execution_options.resource_limits = limits.copy(object_store_memory=cfg.object_store_mib << 20)
