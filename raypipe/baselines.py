@@ -34,6 +34,7 @@ from raypipe import schema
 from raypipe.config import StorageConfig
 from raypipe.io import fs as rfs
 from raypipe.metrics import confusion_matrix, summary
+from raypipe.transforms.image import image_rows
 from raypipe.transforms.split import TRAIN, VAL
 
 PREPARED_DIR, CLASSES_FILE = "prepared", "classes.json"  # the layout of raypipe.pipeline.prepare
@@ -71,7 +72,7 @@ def load_prepared(url: str, storage: StorageConfig | None = None) -> tuple[dict[
     columns = [schema.IMAGE, schema.TOKENS, schema.LABEL_ID, schema.SPLIT, schema.STATUS]
     table = pq.ParquetDataset(files, filesystem=prepared.fs).read(columns=columns)
     table = table.filter(pc.equal(table[schema.STATUS], schema.Status.OK.value))
-    images = _tensor_rows(table[schema.IMAGE], table.schema.field(schema.IMAGE))
+    images = image_rows(table[schema.IMAGE])
     tokens = _tensor_rows(table[schema.TOKENS], table.schema.field(schema.TOKENS))
     labels = table[schema.LABEL_ID].to_numpy()
     split = np.asarray(table[schema.SPLIT].to_pylist(), dtype=object)

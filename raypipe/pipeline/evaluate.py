@@ -15,7 +15,7 @@ from raypipe.io import fs as rfs
 from raypipe.metrics import confusion_matrix, per_class, summary
 from raypipe.pipeline.cluster import init_ray
 from raypipe.pipeline.predict import PREDICTED_ID, BundlePredictor
-from raypipe.pipeline.prepare import PREPARED_DIR, VOCAB_FILE, plan_prepare, prepared_dataset
+from raypipe.pipeline.prepare import VOCAB_FILE, plan_prepare, prepared_dataset, read_prepared
 from raypipe.transforms.split import rows_of_split
 from raypipe.transforms.vocab import Vocabulary
 
@@ -77,11 +77,8 @@ def _rows_to_evaluate(cfg: EvaluateConfig, bundle):
                 f"{cfg.prepared} was prepared with another vocabulary than the bundle's; evaluate the raw shards "
                 "instead (leave `prepared` unset) so they are preprocessed with the bundle's settings"
             )
-        import ray.data
-
         init_ray(cfg.ray)
-        prepared = root.join(PREPARED_DIR)
-        return ray.data.read_parquet(prepared.path, filesystem=prepared.fs)
+        return read_prepared(root)
     sections = DataSections(
         data=cfg.data,
         labels=cfg.labels.model_copy(update={"classes": list(bundle.classes)}),

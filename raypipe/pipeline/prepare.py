@@ -2,8 +2,9 @@
 
 Output layout (at ``config.output``, any URL)::
 
-    prepared/*.parquet   every input row: key, image uint8[S,S,3], tokens int32[L], length, label,
-                         label_id, split, source, status, error_message, passthrough columns
+    prepared/*.parquet   every input row: key, image (S*S*3 bytes of uint8 pixels, row-major),
+                         tokens int32[L], length, label, label_id, split, source, status,
+                         error_message, passthrough columns
     vocab.json           the vocabulary counted on the training split (id 0 pad, 1 unknown)
     classes.json         the class list; a label id is a position in it
     stats.json           rows in / ok / per error kind, in total and per input shard
@@ -32,6 +33,7 @@ from raypipe.io import fs as rfs
 from raypipe.io.readers import InputPlan, attach_sidecar, plan_inputs, read_pairs, read_sidecar
 from raypipe.pipeline.cluster import init_ray
 from raypipe.schema import Status
+from raypipe.transforms.image import pixels_as_bytes, unpack_images
 from raypipe.transforms.labels import COYO_LABELS, COYO_PROBS, LabelRule
 from raypipe.transforms.pairs import TOKEN, PairPreparer, SplitRule, count_batch
 from raypipe.transforms.text import TextNormalizer, ensure_wordnet
@@ -148,14 +150,28 @@ def prepared_dataset(plan: PreparePlan, vocab: Vocabulary, classes: tuple[str, .
         plan.pairs()
         .map_batches(preparer, batch_size=cfg.ray.batch_size, batch_format="numpy")
         .select_columns(list(dict.fromkeys(keep)))
-        .map_batches(_nulls_as_strings, batch_format="pyarrow")
     )
 
 
-def _nulls_as_strings(table: pa.Table) -> pa.Table:
-    """A column that is null in a whole block is typed string, so every output file has one schema."""
+def read_prepared(root: rfs.Location):
+    """The rows of a prepare output as a lazy Ray Dataset, images as uint8[S, S, 3] again (S from the
+    output's own prepare_config.json)."""
+    import ray.data
+
+    image_size = json.loads(rfs.read_text(root.join(CONFIG_FILE)))["image"]["size"]
+    prepared = root.join(PREPARED_DIR)
+    return ray.data.read_parquet(prepared.path, filesystem=prepared.fs).map_batches(
+        unpack_images, fn_args=(image_size,), batch_format="numpy"
+    )
+
+
+def _for_parquet(table: pa.Table) -> pa.Table:
+    """Images as one byte string per row (``pixels_as_bytes``); a column that is null in a whole block
+    typed string, so every output file has one schema."""
     for i, field in enumerate(table.schema):
-        if pa.types.is_null(field.type):
+        if field.name == schema.IMAGE:
+            table = table.set_column(i, field.name, pixels_as_bytes(table.column(i)))
+        elif pa.types.is_null(field.type):
             table = table.set_column(i, field.name, table.column(i).cast(pa.string()))
     return table
 
@@ -167,7 +183,9 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     init_ray(cfg.ray)
     vocab, classes, _ = build_vocab_and_classes(plan)
     prepared_dir = out.join(PREPARED_DIR)
-    prepared_dataset(plan, vocab, classes).write_parquet(prepared_dir.path, filesystem=prepared_dir.fs)
+    prepared_dataset(plan, vocab, classes).map_batches(_for_parquet, batch_format="pyarrow").write_parquet(
+        prepared_dir.path, filesystem=prepared_dir.fs
+    )
 
     rfs.write_text(out.join(VOCAB_FILE), vocab.to_json())
     rfs.write_text(out.join(CLASSES_FILE), json.dumps(list(classes), ensure_ascii=False, indent=1))

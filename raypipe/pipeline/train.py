@@ -30,12 +30,12 @@ from raypipe.pipeline.cluster import init_ray, say
 from raypipe.pipeline.prepare import (
     CLASSES_FILE,
     CONFIG_FILE,
-    PREPARED_DIR,
     STATS_FILE,
     VOCAB_FILE,
     build_vocab_and_classes,
     plan_prepare,
     prepared_dataset,
+    read_prepared,
 )
 from raypipe.transforms.image import ImageOptions
 from raypipe.transforms.split import TRAIN, VAL, rows_of_split
@@ -74,8 +74,6 @@ def _split_datasets(ds) -> tuple[object, object]:
 
 def load_training_data(cfg: TrainConfig) -> TrainingData:
     """From a prepare output, or streamed from raw shards. Starts Ray only after the checks."""
-    import ray.data
-
     if cfg.prepared is None:
         plan = plan_prepare(cfg)
         init_ray(cfg.ray)
@@ -93,8 +91,7 @@ def load_training_data(cfg: TrainConfig) -> TrainingData:
     image = ImageOptions(**prepare_cfg["image"])
     text = TextOptions.from_dict(prepare_cfg["text"])
     init_ray(cfg.ray)
-    prepared = root.join(PREPARED_DIR)
-    train, val = _split_datasets(ray.data.read_parquet(prepared.path, filesystem=prepared.fs))
+    train, val = _split_datasets(read_prepared(root))
     decoded_mib = stats.get("rows_ok", 0) * decoded_row_bytes(image, text) / 2**20
     if cfg.scaling.cache_mib and decoded_mib <= cfg.scaling.cache_mib:
         log.info("caching the %.0f MiB of prepared rows in the object store (scaling.cache_mib=%d)",

@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
 from raypipe import schema
@@ -196,3 +197,43 @@ def _resize(img: Image.Image, opts: ImageOptions) -> Image.Image:
     fitted_img = img.resize(fitted, RESAMPLE, reducing_gap=REDUCING_GAP)
     canvas.paste(fitted_img, ((size - fitted[0]) // 2, (size - fitted[1]) // 2))
     return canvas
+
+
+# --- prepared images in Parquet: one byte string of pixels per row ---------------------------------
+# A tensor column (Ray's extension type) is written by Parquet as S*S*3 list elements per row, each with
+# its repetition and definition levels: 17x slower to write and to read back than one value per row.
+
+
+def pixels_as_bytes(column: pa.ChunkedArray | pa.Array) -> pa.LargeBinaryArray:
+    """uint8[N, S, S, 3] as a tensor column -> N byte strings of S*S*3 pixels (row-major), no copy."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if isinstance(array, pa.ExtensionArray):
+        array = array.storage
+    rows = len(array)
+    if rows == 0:
+        return pa.array([], pa.large_binary())
+    values = array.flatten().to_numpy(zero_copy_only=False)
+    offsets = np.arange(rows + 1, dtype=np.int64) * (values.size // rows)
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), rows, [None, pa.py_buffer(offsets), pa.py_buffer(values)])
+
+
+def unpack_images(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """A numpy batch read from prepared Parquet: ``image`` byte strings -> uint8[N, size, size, 3]. A
+    batch already holding pixels (streamed, or prepared with a tensor column) is returned as it is."""
+    images = batch[schema.IMAGE]
+    if images.dtype == object:
+        batch[schema.IMAGE] = np.frombuffer(b"".join(images), dtype=np.uint8).reshape(len(images), size, size, 3)
+    return batch
+
+
+def image_rows(column: pa.ChunkedArray) -> np.ndarray:
+    """The ``image`` column of prepared Parquet read with pyarrow, either encoding -> uint8[N, S, S, 3]."""
+    array = column.combine_chunks()
+    if isinstance(array, pa.ExtensionArray):  # read through Ray's extension types
+        array = array.storage
+    if pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type):
+        pixels = np.frombuffer(b"".join(array.to_pylist()), dtype=np.uint8)
+    else:  # a tensor column, as prepare wrote it before it wrote bytes
+        pixels = array.flatten().to_numpy(zero_copy_only=False)
+    size = math.isqrt(pixels.size // max(len(array), 1) // 3)
+    return pixels.reshape(len(array), size, size, 3)

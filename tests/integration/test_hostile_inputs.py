@@ -223,7 +223,7 @@ def test_prepare_and_label_account_for_every_hostile_row(ray_cluster, good_pairs
     normalizer, by_key = TextNormalizer(TEXT), {p.key: p for p in pairs}
     for row in (r for r in rows if r["status"] == "ok"):
         pair = by_key[row["key"]]
-        image = np.asarray(row["image"], dtype=np.uint8).reshape(IMAGE.size, IMAGE.size, 3)
+        image = np.frombuffer(row["image"], dtype=np.uint8).reshape(IMAGE.size, IMAGE.size, 3)
         assert np.array_equal(image, load_rgb(pair.image, IMAGE)), pair.key
         tokens, length = encode_tokens([normalizer.tokens(pair.text)], vocab.token_to_id, TEXT.max_len)
         assert np.array_equal(row["tokens"], tokens[0]) and row["length"] == length[0], pair.key

@@ -20,6 +20,7 @@ from raypipe.ingest import FAILED_TO_DOWNLOAD, FAILED_TO_RESIZE, SUCCESS, Ingest
 from raypipe.io.fs import resolve
 from raypipe.pipeline.prepare import run_prepare
 from raypipe.schema import Status
+from raypipe.transforms.image import image_rows
 
 pytestmark = pytest.mark.integration
 
@@ -92,7 +93,7 @@ def test_local_manifest_to_shards_to_prepare(ray_cluster, tmp_path):
     assert stats["ok_by_class"] == {name: N_GOOD // 3 for name in COLOURS}
     out = pq.ParquetDataset(str(prepared / "prepared")).read()
     ok = out.filter(pc.equal(out["status"], "ok"))
-    images = np.stack(ok["image"].to_numpy(zero_copy_only=False)).reshape(-1, 64, 64, 3)
+    images = image_rows(ok["image"])
     for label, image in zip(ok["label"].to_pylist(), images):  # the colour survived ingest + prepare
         centre = image[16:48, 16:48].reshape(-1, 3).mean(0)
         assert int(np.argmax(centre)) == int(np.argmax(COLOURS[label]))

@@ -23,9 +23,10 @@ def _tensor_field(name: str, value_type: pa.DataType, shape: list[int]) -> pa.Fi
         b"ARROW:extension:metadata": json.dumps(shape).encode(), b"ARROW:extension:name": b"ray.data.arrow_tensor_v2"})
 
 
-def write_prepared(root, rows_per_class: int = 30, seed: int = 0) -> None:
+def write_prepared(root, rows_per_class: int = 30, seed: int = 0, image_bytes: bool = True) -> None:
     """Class c: images of colour c (noisy); tokens 10+c (the class word) among shared filler words
-    3..5; every 5th row is validation; one failed row per class that must be ignored."""
+    3..5; every 5th row is validation; one failed row per class that must be ignored. Images as prepare
+    writes them (one byte string per row), or ``image_bytes=False`` as it did before (a tensor column)."""
     rng = np.random.default_rng(seed)
     images, tokens, labels, splits, statuses = [], [], [], [], []
     for c in range(len(COLOURS)):
@@ -39,9 +40,11 @@ def write_prepared(root, rows_per_class: int = 30, seed: int = 0) -> None:
             labels.append(c if not failed else -1)
             splits.append("val" if i % 5 == 0 else "train")
             statuses.append("image_decode_error" if failed else "ok")
-    schema = pa.schema([_tensor_field("image", pa.uint8(), [SIZE, SIZE, 3]), _tensor_field("tokens", pa.int32(), [LENGTH]),
+    image_field = pa.field("image", pa.large_binary()) if image_bytes else _tensor_field("image", pa.uint8(), [SIZE, SIZE, 3])
+    schema = pa.schema([image_field, _tensor_field("tokens", pa.int32(), [LENGTH]),
                         pa.field("label_id", pa.int64()), pa.field("split", pa.string()), pa.field("status", pa.string())])
-    table = pa.Table.from_pydict({"image": [x.tolist() for x in images], "tokens": [t.tolist() for t in tokens],
+    image_values = [x.tobytes() if image_bytes else x.tolist() for x in images]
+    table = pa.Table.from_pydict({"image": image_values, "tokens": [t.tolist() for t in tokens],
                                   "label_id": labels, "split": splits, "status": statuses}, schema)
     (root / "prepared").mkdir(parents=True)
     pq.write_table(table.slice(0, 40), root / "prepared" / "part-0.parquet")
@@ -49,13 +52,16 @@ def write_prepared(root, rows_per_class: int = 30, seed: int = 0) -> None:
     (root / "classes.json").write_text(json.dumps(["red", "green", "blue"]))
 
 
-def test_load_prepared_keeps_ok_rows_per_split(tmp_path):
-    write_prepared(tmp_path)
+@pytest.mark.parametrize("image_bytes", [True, False], ids=["image bytes", "tensor column"])
+def test_load_prepared_keeps_ok_rows_per_split(tmp_path, image_bytes):
+    write_prepared(tmp_path, image_bytes=image_bytes)
     splits, classes = baselines.load_prepared(str(tmp_path))
     assert classes == ["red", "green", "blue"]
     assert splits["train"].images.shape == (72, SIZE, SIZE, 3) and splits["val"].images.shape == (18, SIZE, SIZE, 3)
     assert splits["train"].tokens.shape == (72, LENGTH) and set(splits["val"].labels) == {0, 1, 2}
     assert splits["train"].images.dtype == np.uint8
+    red = splits["train"].images[splits["train"].labels == 0].reshape(-1, 3).mean(axis=0)
+    assert abs(red[0] - COLOURS[0][0]) < 10 and red[1] < 60  # the pixels themselves, in HWC order
 
 
 def test_token_counts_drop_padding():

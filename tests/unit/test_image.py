@@ -5,12 +5,23 @@ import warnings
 
 import imagekinds as kinds
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps, JpegImagePlugin
 
 from raypipe import schema
 from raypipe.schema import Status
-from raypipe.transforms.image import RESIZE_MODES, ImageError, ImageOptions, load_rgb, preprocess_images
+from raypipe.transforms.image import (
+    RESIZE_MODES,
+    ImageError,
+    ImageOptions,
+    image_rows,
+    load_rgb,
+    pixels_as_bytes,
+    preprocess_images,
+    unpack_images,
+)
 
 OPTS = ImageOptions()
 
@@ -266,3 +277,34 @@ def test_preprocess_images_handles_an_empty_batch():
     out = preprocess_images(make_batch([]), ImageOptions(size=32))
     assert out[schema.IMAGE].shape == (0, 32, 32, 3) and out[schema.IMAGE].dtype == np.uint8
     assert len(out[schema.STATUS]) == 0
+
+
+# --- prepared images in Parquet ---------------------------------------------------------------------
+
+
+def _pixels(rows: int, size: int = 4) -> np.ndarray:
+    return np.random.default_rng(rows).integers(0, 256, (rows, size, size, 3), dtype=np.uint8)
+
+
+def test_pixels_survive_bytes_and_parquet_whatever_the_chunks_and_slices(tmp_path):
+    from ray.data.extensions import ArrowTensorArray  # the column type Ray Data gives prepare's output
+
+    images = _pixels(7)
+    tensor = ArrowTensorArray.from_numpy(images)
+    column = pa.chunked_array([tensor.slice(0, 3), tensor.slice(3, 4)])  # sliced chunks: offsets != 0
+    packed = pixels_as_bytes(column)
+    assert packed.type == pa.large_binary() and len(packed) == 7 and all(len(v.as_py()) == 4 * 4 * 3 for v in packed)
+    pq.write_table(pa.table({schema.IMAGE: packed}), tmp_path / "part.parquet")
+    read = pq.read_table(tmp_path / "part.parquet")[schema.IMAGE]
+    assert np.array_equal(image_rows(read), images)
+    batch = unpack_images({schema.IMAGE: np.array(read.to_pylist(), dtype=object)}, 4)
+    assert batch[schema.IMAGE].dtype == np.uint8 and np.array_equal(batch[schema.IMAGE], images)
+    assert len(pixels_as_bytes(tensor.slice(0, 0))) == 0
+
+
+def test_pixels_already_decoded_and_old_tensor_columns_are_read_as_they_are():
+    images = _pixels(3)
+    batch = {schema.IMAGE: images}
+    assert unpack_images(batch, 4)[schema.IMAGE] is images  # streamed batches: nothing to do
+    as_list = pa.chunked_array([pa.array([im.ravel().tolist() for im in images], pa.large_list(pa.uint8()))])
+    assert np.array_equal(image_rows(as_list), images)  # prepared by an earlier raypipe
