@@ -180,13 +180,15 @@ class ProcessSampler:
       ``s.cpu_s``  CPU seconds of the tree during the phase, exited processes counted up to their
                    last sample (so a slight undercount, at most ``interval_s`` per exited process).
     With ``memory=True`` also ``s.peak_pss_mib`` / ``s.peak_rss_mib``: the largest sum over the tree
-    seen in one sample (PSS: what the tree really holds, shared memory counted once).
+    seen in one sample (PSS: what the tree really holds, shared memory counted once), and
+    ``s.peak_pss_by_name_mib``: that peak sample's PSS per process name (what grew).
     Costs one /proc scan per interval (a few ms; with memory, one smaps_rollup read per process).
     """
 
     def __init__(self, root: int | None = None, interval_s: float = 0.5, memory: bool = False):
         self.root, self.interval_s, self.memory = root, interval_s, memory
         self.peak_pss_mib = self.peak_rss_mib = 0.0
+        self.peak_pss_by_name_mib: dict[str, float] = {}
         self.names: dict[int, set[str]] = {}
         self._start: dict[int, float] = {}
         self._last: dict[int, float] = {}
@@ -199,7 +201,13 @@ class ProcessSampler:
             self.names.setdefault(pid, set()).add(name)
             self._last[pid] = cpu
         if self.memory:
-            pss, rss = map(sum, zip((0, 0), *(_memory_kib(pid) for pid in tree)))
+            usage = {pid: _memory_kib(pid) for pid in tree}
+            pss, rss = map(sum, zip((0, 0), *usage.values()))
+            if pss / 1024 > self.peak_pss_mib:
+                by_name: dict[str, float] = {}
+                for pid, (pid_pss, _) in usage.items():
+                    by_name[tree[pid][0]] = by_name.get(tree[pid][0], 0.0) + pid_pss / 1024
+                self.peak_pss_by_name_mib = {k: round(v) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])}
             self.peak_pss_mib = max(self.peak_pss_mib, pss / 1024)
             self.peak_rss_mib = max(self.peak_rss_mib, rss / 1024)
 

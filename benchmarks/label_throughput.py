@@ -149,6 +149,7 @@ def label_job(files: list[Path], bundle_url: str, out_dir: Path, extra: list[str
         "labeling_pairs_per_s": summary["pairs_per_s"],
         "tree_cpu_s": round(sampler.cpu_s, 1),
         "peak_pss_mib": round(sampler.peak_pss_mib),
+        "peak_pss_by_name_mib": sampler.peak_pss_by_name_mib,
         "peak_rss_sum_mib": round(sampler.peak_rss_mib),
         "processes_seen": len(sampler.names),
     }
