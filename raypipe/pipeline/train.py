@@ -168,19 +168,19 @@ def shuffled_batches(chunks, batch_size: int, buffer_rows: int, generator: torch
     pool: dict[str, torch.Tensor] | None = None
     for chunk in chunks:
         pool = chunk if pool is None else {k: torch.cat((pool[k], chunk[k])) for k in chunk}
-        rows = len(next(iter(pool.values())))
-        drawn = (rows - buffer_rows) // batch_size * batch_size
-        if drawn <= 0:
-            continue
-        order = torch.randperm(rows, generator=generator).to(pool[schema.LABEL_ID].device)
-        for start in range(0, drawn, batch_size):
-            yield {k: v[order[start:start + batch_size]] for k, v in pool.items()}
-        pool = {k: v[order[drawn:]] for k, v in pool.items()}
+        drawn = (len(pool[schema.LABEL_ID]) - buffer_rows) // batch_size * batch_size
+        if drawn > 0:
+            pool = yield from _draw(pool, drawn, batch_size, generator)
     if pool is not None:
-        rows = len(next(iter(pool.values())))
-        order = torch.randperm(rows, generator=generator).to(pool[schema.LABEL_ID].device)
-        for start in range(0, rows, batch_size):
-            yield {k: v[order[start:start + batch_size]] for k, v in pool.items()}
+        yield from _draw(pool, len(pool[schema.LABEL_ID]), batch_size, generator)
+
+
+def _draw(pool: dict[str, torch.Tensor], rows_out: int, batch_size: int, generator: torch.Generator):
+    """Yields ``rows_out`` rows of ``pool`` drawn at random, in batches; returns the rows left."""
+    order = torch.randperm(len(pool[schema.LABEL_ID]), generator=generator).to(pool[schema.LABEL_ID].device)
+    for start in range(0, rows_out, batch_size):
+        yield {k: v[order[start:min(start + batch_size, rows_out)]] for k, v in pool.items()}
+    return {k: v[order[rows_out:]] for k, v in pool.items()}
 
 
 def _batches(shard, batch_size: int, device, shuffle_buffer: int = 0, generator: torch.Generator | None = None):
