@@ -141,20 +141,23 @@ def process_tree(root: int | None = None) -> dict[int, tuple[str, float]]:
     return tree
 
 
-def _memory_kib(pid: int) -> tuple[int, int]:
-    """(PSS, RSS) of one process in KiB, from /proc/<pid>/smaps_rollup (0, 0 once it is gone).
-    PSS splits shared pages (Ray's object store in /dev/shm) among the processes that map them, so
-    the PSS of a tree sums to the memory it really holds; the RSS sum counts shared pages repeatedly."""
-    pss = rss = 0
+_MEMORY_FIELDS = ("Pss", "Rss", "Pss_Anon", "Pss_Shmem", "Pss_File")
+
+
+def _memory_kib(pid: int) -> dict[str, int]:
+    """PSS, RSS and the PSS by kind (anonymous, shared memory, file-backed) of one process in KiB,
+    from /proc/<pid>/smaps_rollup (zeros once it is gone). PSS splits shared pages (Ray's object store
+    in /dev/shm) among the processes that map them, so the PSS of a tree sums to the memory it really
+    holds; the RSS sum counts shared pages repeatedly."""
+    usage = dict.fromkeys(_MEMORY_FIELDS, 0)
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                pss = int(line.split()[1])
-            elif line.startswith("Rss:"):
-                rss = int(line.split()[1])
+            name, _, value = line.partition(":")
+            if name in usage:
+                usage[name] = int(value.split()[0])
     except OSError:
         pass
-    return pss, rss
+    return usage
 
 
 def tree_cpu_seconds(root: int | None = None) -> float:
@@ -181,7 +184,8 @@ class ProcessSampler:
                    last sample (so a slight undercount, at most ``interval_s`` per exited process).
     With ``memory=True`` also ``s.peak_pss_mib`` / ``s.peak_rss_mib``: the largest sum over the tree
     seen in one sample (PSS: what the tree really holds, shared memory counted once), and
-    ``s.peak_pss_by_name_mib``: that peak sample's PSS per process name (what grew).
+    ``s.peak_pss_by_name_mib`` / ``s.peak_pss_by_kind_mib``: that peak sample's PSS per process name
+    (who grew) and per kind: anon (heaps), shmem (the object store), file (mapped libraries).
     Costs one /proc scan per interval (a few ms; with memory, one smaps_rollup read per process).
     """
 
@@ -189,6 +193,7 @@ class ProcessSampler:
         self.root, self.interval_s, self.memory = root, interval_s, memory
         self.peak_pss_mib = self.peak_rss_mib = 0.0
         self.peak_pss_by_name_mib: dict[str, float] = {}
+        self.peak_pss_by_kind_mib: dict[str, float] = {}
         self.names: dict[int, set[str]] = {}
         self._start: dict[int, float] = {}
         self._last: dict[int, float] = {}
@@ -202,14 +207,18 @@ class ProcessSampler:
             self._last[pid] = cpu
         if self.memory:
             usage = {pid: _memory_kib(pid) for pid in tree}
-            pss, rss = map(sum, zip((0, 0), *usage.values()))
-            if pss / 1024 > self.peak_pss_mib:
+            pss = sum(u["Pss"] for u in usage.values()) / 1024
+            if pss > self.peak_pss_mib:
                 by_name: dict[str, float] = {}
-                for pid, (pid_pss, _) in usage.items():
-                    by_name[tree[pid][0]] = by_name.get(tree[pid][0], 0.0) + pid_pss / 1024
+                for pid, u in usage.items():
+                    by_name[tree[pid][0]] = by_name.get(tree[pid][0], 0.0) + u["Pss"] / 1024
                 self.peak_pss_by_name_mib = {k: round(v) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])}
-            self.peak_pss_mib = max(self.peak_pss_mib, pss / 1024)
-            self.peak_rss_mib = max(self.peak_rss_mib, rss / 1024)
+                self.peak_pss_by_kind_mib = {
+                    kind.removeprefix("Pss_").lower(): round(sum(u[kind] for u in usage.values()) / 1024)
+                    for kind in _MEMORY_FIELDS[2:]
+                }
+                self.peak_pss_mib = pss
+            self.peak_rss_mib = max(self.peak_rss_mib, sum(u["Rss"] for u in usage.values()) / 1024)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -1,6 +1,6 @@
 """Labeling: `jobs/label.py` on local Ray beside a plain single-process loop, and its memory as work grows.
 
-    python benchmarks/label_throughput.py [--rows 10000] [--memory-rows 10000,100000] [--bundle URL]
+    python benchmarks/label_throughput.py [--rows 10000,100000] [--memory-rows 10000,100000] [--bundle URL]
 
 Inputs: the built-in sample (``raypipe.sample``) in img2dataset's Parquet format with 384x288 JPEGs
 (img2dataset's ``--image_size 384 --resize_mode keep_ratio`` output size), 1,000 pairs per shard,
@@ -12,16 +12,18 @@ Model: ``--bundle``, or by default a bundle with the default architecture (the t
 3 conv blocks 32/64/128, embedding 128, LSTM 128, FC 256) and random weights (seed 0) over the sample's
 vocabulary: the cost per pair is the trained model's, the labels are meaningless.
 
-Measured, in one process tree on the same files:
+Measured, in one process tree on the same files, for each of ``--rows``:
 
 1. plain loop: what a user writes by hand, in one process: pyarrow reads each file in batches ->
    the same normalize / preprocess / model / output-table functions the job uses -> one Parquet file
    per input. PyTorch uses its default intra-op threads (all cores) for the model.
 2. the job: ``python jobs/label.py`` as a user runs it (starts a local Ray cluster), ``overwrite=true``.
    Figures: end to end (process start to exit) and the labeling phase (its ``_summary.json``:
-   ``labeling_s`` excludes the Ray start and the final completeness check).
-3. memory: peak PSS of the job's whole process tree (driver, raylet, GCS, workers; shared object
-   store pages counted once) for each of ``--memory-rows``, sampled every 0.5 s.
+   ``labeling_s`` excludes the Ray start and the final completeness check). Only CPU time is sampled
+   here: reading every process's memory map twice a second costs the job a few percent.
+3. memory, in runs of their own for each of ``--memory-rows``: peak PSS of the job's whole process
+   tree (driver, raylet, GCS, workers; shared object-store pages counted once), sampled every 0.5 s,
+   with the peak sample's split by process name and by kind (heap, object store, mapped files).
 
 Prints one summary line; everything goes to benchmarks/results/label_throughput.json.
 """
@@ -123,22 +125,23 @@ def plain_loop(files: list[Path], bundle_url: str, out_dir: Path, batch_size: in
     return {"rows": rows, "ok": ok, "wall_s": round(wall, 2), "pairs_per_s": rate(rows, wall)}
 
 
-def label_job(files: list[Path], bundle_url: str, out_dir: Path, extra: list[str]) -> dict:
-    """``python jobs/label.py`` in a subprocess (its own local Ray cluster), sampled for CPU and memory."""
+def label_job(files: list[Path], bundle_url: str, out_dir: Path, extra: list[str], memory: bool) -> dict:
+    """``python jobs/label.py`` in a subprocess (its own local Ray cluster), sampled for CPU (and memory)."""
     inputs = "[" + ",".join(str(f) for f in files) + "]"
     cmd = [sys.executable, str(REPO / "jobs" / "label.py"), f"data.input={inputs}", f"bundle={bundle_url}",
            f"output={out_dir}", "overwrite=true", "ray.progress_bars=false", *extra]
     env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    with ProcessSampler(proc.pid, memory=True) as sampler:
+    with ProcessSampler(proc.pid, memory=memory) as sampler:
         log, _ = proc.communicate()
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         sys.stderr.write(log[-4000:])
         raise SystemExit(f"the labeling job failed (exit {proc.returncode}): {' '.join(cmd[:3])} ...")
     summary = json.loads((out_dir / "_summary.json").read_text())
-    return {
+    shutil.rmtree(out_dir)
+    result = {
         "rows": summary["rows_processed"],
         "ok": summary["rows_labeled"],
         "complete": summary["complete"],
@@ -148,16 +151,21 @@ def label_job(files: list[Path], bundle_url: str, out_dir: Path, extra: list[str
         "labeling_s": summary["labeling_s"],
         "labeling_pairs_per_s": summary["pairs_per_s"],
         "tree_cpu_s": round(sampler.cpu_s, 1),
-        "peak_pss_mib": round(sampler.peak_pss_mib),
-        "peak_pss_by_name_mib": sampler.peak_pss_by_name_mib,
-        "peak_rss_sum_mib": round(sampler.peak_rss_mib),
         "processes_seen": len(sampler.names),
     }
+    if memory:
+        result.update(
+            peak_pss_mib=round(sampler.peak_pss_mib),
+            peak_pss_by_name_mib=sampler.peak_pss_by_name_mib,
+            peak_pss_by_kind_mib=sampler.peak_pss_by_kind_mib,
+            peak_rss_sum_mib=round(sampler.peak_rss_mib),
+        )
+    return result
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, default=10_000, help="rows for the job-vs-plain-loop comparison")
+    p.add_argument("--rows", default="10000,100000", help="comma-separated row counts for the job-vs-plain-loop runs")
     p.add_argument("--memory-rows", default="10000,100000", help="comma-separated row counts for the memory runs")
     p.add_argument("--bundle", help="a trained bundle (default: the default architecture, random weights)")
     p.add_argument("--batch-size", type=int, default=256, help="rows per batch, both sides")
@@ -168,55 +176,58 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _row_counts(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    memory_rows = [int(x) for x in args.memory_rows.split(",") if x.strip()]
+    compare_rows, memory_rows = _row_counts(args.rows), _row_counts(args.memory_rows)
     bench = Path(tempfile.gettempdir()) / "raypipe-bench"
     name = f"label-{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}-shard{SHARD_SIZE}-seed0"
     root = Path(args.data_dir) if args.data_dir else bench / name
-    all_files = ensure_data(root, max([args.rows, *memory_rows]))
+    all_files = ensure_data(root, max([*compare_rows, *memory_rows]))
     bundle_url = args.bundle or ensure_bundle(bench / "label-bundle-default-random", all_files)
     work = Path(tempfile.mkdtemp(prefix="label-out-", dir=bench))
     extra = [f"ray.batch_size={args.batch_size}", f"predict.batch_size={args.batch_size}", *args.job_arg]
-    results: dict = {"machine": machine_info(), "rows": args.rows, "batch_size": args.batch_size,
-                     "image_size": list(IMAGE_SIZE), "bundle": bundle_url, "job_args": extra}
+    results: dict = {"machine": machine_info(), "batch_size": args.batch_size, "image_size": list(IMAGE_SIZE),
+                     "bundle": bundle_url, "job_args": extra, "compare": {}, "memory": {}}
+    line = []
     try:
-        files = ensure_data(root, args.rows)
-        if not args.skip_plain:
-            print(f"plain single-process loop over {len(files)} files ...", flush=True)
-            results["plain"] = plain_loop(files, bundle_url, work / "plain", args.batch_size)
-            print(f"  {results['plain']}", flush=True)
-        print(f"jobs/label.py over the same {len(files)} files ...", flush=True)
-        results["job"] = label_job(files, bundle_url, work / "job", extra)
-        print(f"  {results['job']}", flush=True)
-        results["memory"] = {}
+        for rows in compare_rows:
+            files = ensure_data(root, rows)
+            run = results["compare"][str(rows)] = {}
+            if not args.skip_plain:
+                print(f"plain single-process loop over {len(files)} files ({rows} rows) ...", flush=True)
+                run["plain"] = plain_loop(files, bundle_url, work / "plain", args.batch_size)
+                shutil.rmtree(work / "plain")
+                print(f"  {run['plain']}", flush=True)
+            print(f"jobs/label.py over the same {len(files)} files ...", flush=True)
+            job = run["job"] = label_job(files, bundle_url, work / "job", extra, memory=False)
+            print(f"  {job}", flush=True)
+            text = f"{rows} rows: job {job['labeling_pairs_per_s']} pairs/s ({job['end_to_end_pairs_per_s']} end to end)"
+            if "plain" in run:
+                run["ratio_labeling_phase"] = round(job["labeling_pairs_per_s"] / run["plain"]["pairs_per_s"], 2)
+                run["ratio_end_to_end"] = round(job["end_to_end_pairs_per_s"] / run["plain"]["pairs_per_s"], 2)
+                text += (f" vs plain loop {run['plain']['pairs_per_s']} -> {run['ratio_labeling_phase']} "
+                         f"({run['ratio_end_to_end']} end to end; target >= 1.3)")
+            line.append(text)
         for rows in memory_rows:
-            if rows == args.rows:
-                results["memory"][str(rows)] = results["job"]
-                continue
             print(f"jobs/label.py over {rows} rows (memory) ...", flush=True)
-            shutil.rmtree(work / "job", ignore_errors=True)
-            results["memory"][str(rows)] = label_job(ensure_data(root, rows), bundle_url, work / "job", extra)
-            print(f"  {results['memory'][str(rows)]}", flush=True)
+            run = results["memory"][str(rows)] = label_job(ensure_data(root, rows), bundle_url, work / "job", extra,
+                                                           memory=True)
+            print(f"  {run}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["load_average_at_end"] = load_average()
 
-    job, plain = results["job"], results.get("plain")
-    line = [f"labeling {job['rows']} rows: job {job['labeling_pairs_per_s']} pairs/s labeling phase, "
-            f"{job['end_to_end_pairs_per_s']} end to end"]
-    if plain:
-        results["ratio_labeling_phase"] = round(job["labeling_pairs_per_s"] / plain["pairs_per_s"], 2)
-        results["ratio_end_to_end"] = round(job["end_to_end_pairs_per_s"] / plain["pairs_per_s"], 2)
-        line.append(f"plain loop {plain['pairs_per_s']} pairs/s -> ratio {results['ratio_labeling_phase']} "
-                    f"({results['ratio_end_to_end']} end to end; target >= 1.3)")
     peaks = {rows: r["peak_pss_mib"] for rows, r in results["memory"].items()}
     if len(peaks) >= 2:
         small, large = min(peaks, key=int), max(peaks, key=int)
         results["memory_ratio"] = round(peaks[large] / peaks[small], 2)
         line.append(f"peak memory {peaks[small]} MiB @ {small} rows, {peaks[large]} MiB @ {large} rows -> "
                     f"{results['memory_ratio']}x (target <= 1.2)")
-    print("; ".join(line))
+    print("labeling " + "; ".join(line))
     print(f"results: {write_results('label_throughput' + (f'-{args.tag}' if args.tag else ''), results)}")
     return 0
 

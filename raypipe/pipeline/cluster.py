@@ -28,8 +28,15 @@ def init_ray(cfg: RayConfig) -> None:
     ctx.enable_progress_bars = cfg.progress_bars and os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") != "1"
     ctx.target_max_block_size = cfg.block_mib << 20
     ctx.use_datasource_v2 = cfg.parquet_reader_v2
-    ctx.op_resource_reservation_enabled = cfg.reserve_per_operator
-    if cfg.object_store_mib is not None:
+    # Ray Data holds a stage back for its object-store budget only through its resource allocator, the
+    # same part that reserves resources per operator: with the reservation off and a budget set, the
+    # allocator runs with a reservation ratio of 0 (each operator keeps only what one task needs), so
+    # the budget is enforced without splitting the CPUs up front.
+    budget = cfg.object_store_mib is not None
+    ctx.op_resource_reservation_enabled = cfg.reserve_per_operator or budget
+    if budget:
+        if not cfg.reserve_per_operator:
+            ctx.op_resource_reservation_ratio = 0.0
         limits = ctx.execution_options.resource_limits
         ctx.execution_options.resource_limits = limits.copy(object_store_memory=cfg.object_store_mib << 20)
 

@@ -13,6 +13,10 @@ from raypipe.config import StorageConfig
 PREDICTED_ID, PREDICTED, CONFIDENCE = "predicted_id", "predicted", "confidence"
 TOP_K_LABELS, TOP_K_SCORES = "top_k_labels", "top_k_scores"
 ATTENTION_WORDS, ATTENTION_WEIGHTS = "attention_words", "attention_weights"  # explain_words > 0 only
+# On a CPU the model runs a batch in chunks of this many rows: a chunk's conv activations stay in the
+# core's caches (default architecture, one thread: 1.2 ms/pair in chunks of 32 rows vs 1.9 ms for a
+# whole 256-row batch, which also holds ~170 MB of activations at once). A GPU takes the whole batch.
+CPU_CHUNK_ROWS = 32
 
 
 class BundlePredictor:
@@ -44,7 +48,7 @@ class BundlePredictor:
         if ok.any():
             image = torch.from_numpy(np.ascontiguousarray(batch[schema.IMAGE][ok])).to(self.device)
             tokens = torch.from_numpy(np.ascontiguousarray(batch[schema.TOKENS][ok])).long().to(self.device)
-            logits, attention = self.model.forward_with_attention(image, tokens)
+            logits, attention = self._forward(image, tokens)
             probs = torch.softmax(logits.float(), dim=1)
             if self.explain_words:
                 explained = self._explain(tokens.cpu().numpy(), attention.float().cpu().numpy())
@@ -75,6 +79,15 @@ class BundlePredictor:
             )
         assert all(len(c) == n for c in columns.values())
         return pa.table(columns)
+
+    def _forward(self, image: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [B, num_classes] and attention [B, L] (None for an image model) of a whole batch."""
+        rows = CPU_CHUNK_ROWS if self.device.type == "cpu" else len(image)
+        chunks = [self.model.forward_with_attention(image[i : i + rows], tokens[i : i + rows])
+                  for i in range(0, len(image), rows)]
+        logits = torch.cat([chunk_logits for chunk_logits, _ in chunks])
+        attention = None if chunks[0][1] is None else torch.cat([chunk_attention for _, chunk_attention in chunks])
+        return logits, attention
 
     def _explain(self, tokens: np.ndarray, attention: np.ndarray) -> list[tuple[list[str], list[float]]]:
         """Per row: the real tokens with the largest attention weights, most weighted first."""

@@ -177,6 +177,34 @@ def test_explain_reports_the_most_attended_vocabulary_words(tmp_path):
     assert weights[0][0] >= weights[0][1]
 
 
+@pytest.mark.parametrize("mode", ["fusion", "image", "text"])
+def test_a_batch_run_in_cpu_chunks_predicts_what_one_forward_pass_does(tmp_path, mode):
+    torch.manual_seed(0)
+    config = ModelConfig(num_classes=3, vocab_size=len(VOCAB), mode=mode, image_size=16, conv_channels=(4,),
+                         embed_dim=4, lstm_hidden=4, fc_dims=(8,))
+    model = FusionClassifier(config).eval()
+    save_bundle(str(tmp_path / "bundle"), StorageConfig(),
+                Bundle(config, IMAGE, TEXT, VOCAB, ("x", "y", "z"), model.state_dict(), {}))
+    rng = np.random.default_rng(0)
+    n = 2 * predict.CPU_CHUNK_ROWS + 7  # two whole chunks and a partial one
+    words = ["dog", "cat", "red", "car", "zebra"]
+    texts = [" ".join(rng.choice(words, size=rng.integers(1, 9))) for _ in range(n)]
+    photos = [jpeg_photo(40 + i % 7, 30 + i % 5) for i in range(n)]
+    batch = ModelInputPreparer(IMAGE, TEXT, VOCAB.token_to_id, mode)(pairs(photos, texts))
+    table = predict.BundlePredictor(str(tmp_path / "bundle"), StorageConfig(), top_k=3,
+                                    explain_words=8)({k: v.copy() for k, v in batch.items()})
+    with torch.inference_mode():
+        logits, attention = model.forward_with_attention(
+            torch.from_numpy(batch[schema.IMAGE]), torch.from_numpy(batch[schema.TOKENS]).long()
+        )
+    scores, ids = torch.softmax(logits, dim=1).topk(3, dim=1)
+    assert table.column(predict.PREDICTED_ID).to_pylist() == ids[:, 0].tolist()
+    np.testing.assert_allclose(np.array(table.column(predict.TOP_K_SCORES).to_pylist()), scores.numpy(), atol=1e-6)
+    if mode != "image":
+        for reported, row in zip(table.column(predict.ATTENTION_WEIGHTS).to_pylist(), attention.numpy()):
+            np.testing.assert_allclose(reported, sorted(row[row > 0], reverse=True), atol=1e-6)
+
+
 def test_label_config_defaults_and_checks():
     cfg = load_config(LabelJobConfig, None, [])
     assert cfg.labels.source == "none" and cfg.predict.use_gpu is None and not cfg.overwrite
