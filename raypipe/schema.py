@@ -27,6 +27,11 @@ SOURCE = "source"  # the shard (file URL) a row came from
 STATUS = "status"
 ERROR_MESSAGE = "error_message"
 
+# Predicted row (BundlePredictor's output: the input columns but the model inputs, and these).
+PREDICTED_ID, PREDICTED, CONFIDENCE = "predicted_id", "predicted", "confidence"
+TOP_K_LABELS, TOP_K_SCORES = "top_k_labels", "top_k_scores"
+ATTENTION_WORDS, ATTENTION_WEIGHTS = "attention_words", "attention_weights"  # explain_words > 0 only
+
 
 class Status(str, Enum):
     """Why a row is (not) usable. The value is what is written to the ``status`` column."""

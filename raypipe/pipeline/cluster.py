@@ -14,6 +14,7 @@ log = logging.getLogger(__name__)
 def init_ray(cfg: RayConfig) -> None:
     import ray
     from ray.data import DataContext
+    from ray.data.context import DEFAULT_OP_RESOURCE_RESERVATION_RATIO
 
     if not ray.is_initialized():
         address = cfg.address or os.environ.get("RAY_ADDRESS")
@@ -31,14 +32,15 @@ def init_ray(cfg: RayConfig) -> None:
     # Ray Data holds a stage back for its object-store budget only through its resource allocator, the
     # same part that reserves resources per operator: with the reservation off and a budget set, the
     # allocator runs with a reservation ratio of 0 (each operator keeps only what one task needs), so
-    # the budget is enforced without splitting the CPUs up front.
+    # the budget is enforced without splitting the CPUs up front. Every field is set on every call: the
+    # context outlives a job in a long-lived driver (a notebook, the tests).
     budget = cfg.object_store_mib is not None
     ctx.op_resource_reservation_enabled = cfg.reserve_per_operator or budget
-    if budget:
-        if not cfg.reserve_per_operator:
-            ctx.op_resource_reservation_ratio = 0.0
-        limits = ctx.execution_options.resource_limits
-        ctx.execution_options.resource_limits = limits.copy(object_store_memory=cfg.object_store_mib << 20)
+    ctx.op_resource_reservation_ratio = DEFAULT_OP_RESOURCE_RESERVATION_RATIO if cfg.reserve_per_operator else 0.0
+    limits = ctx.execution_options.resource_limits
+    ctx.execution_options.resource_limits = limits.copy(
+        object_store_memory=cfg.object_store_mib << 20 if budget else float("inf")
+    )
 
 
 def say(line: str) -> None:

@@ -9,10 +9,10 @@ import torch
 from raypipe import schema
 from raypipe.bundle import load_bundle
 from raypipe.config import StorageConfig
+from raypipe.schema import (
+    ATTENTION_WEIGHTS, ATTENTION_WORDS, CONFIDENCE, PREDICTED, PREDICTED_ID, TOP_K_LABELS, TOP_K_SCORES,
+)
 
-PREDICTED_ID, PREDICTED, CONFIDENCE = "predicted_id", "predicted", "confidence"
-TOP_K_LABELS, TOP_K_SCORES = "top_k_labels", "top_k_scores"
-ATTENTION_WORDS, ATTENTION_WEIGHTS = "attention_words", "attention_weights"  # explain_words > 0 only
 # On a CPU the model runs a batch in chunks of this many rows: a chunk's conv activations stay in the
 # core's caches (default architecture, one thread: 1.2 ms/pair in chunks of 32 rows vs 1.9 ms for a
 # whole 256-row batch, which also holds ~170 MB of activations at once). A GPU takes the whole batch.

@@ -17,10 +17,8 @@ from raypipe.io.fs import resolve
 from raypipe.io.readers import plan_inputs
 from raypipe.model import FusionClassifier, ModelConfig
 from raypipe.pipeline import predict
-from raypipe.pipeline.label import (
-    InputFile, check_output, input_files, output_names, output_schema, output_state, summary_lines,
-    to_output_table, write_label_batch,
-)
+from raypipe.pipeline.label import InputFile, check_output, input_files, output_state, summary_lines
+from raypipe.pipeline.label_writer import output_names, output_schema, to_output_table, write_label_batch
 from raypipe.transforms.image import ImageOptions
 from raypipe.transforms.pairs import ModelInputPreparer, PairPreparer, SplitRule
 from raypipe.transforms.text import TextOptions

@@ -1,0 +1,141 @@
+"""The labeling output, without torch (the writer actors import only this): its columns, the output table
+of a predicted batch, and the writer that puts each input file's rows in its own directory."""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import uuid
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from raypipe import schema
+from raypipe.io import fs as rfs
+from raypipe.schema import Status
+
+PART_PREFIX = "part-"
+# Labeling output columns (the "Labeling output" contract of design.md).
+LABEL, LABEL_ID, CONFIDENCE = "label", "label_id", "confidence"
+TOP_K_LABELS, TOP_K_SCORES = schema.TOP_K_LABELS, schema.TOP_K_SCORES
+MODEL = "model"  # identity of the bundle that produced the row (sha256 prefix of its weights)
+ATTENTION_WORDS, ATTENTION_WEIGHTS = schema.ATTENTION_WORDS, schema.ATTENTION_WEIGHTS
+# Columns the write stage returns to the driver, one row per part file written.
+COUNT_NAME, COUNT_ROWS, COUNT_OK = "name", "rows", "ok"
+
+
+class LabelError(RuntimeError):
+    """A labeling run that cannot start or finish; the message says what to do."""
+
+
+def output_names(files: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """Input file path -> output directory name: the file's stem, made unique with a short hash of
+    the full path when two inputs share a stem (a/x.parquet and b/x.parquet). An object store may hold
+    a key ending in "/.." ("s3://b/in/.."): such a stem is not used, as it would name a folder outside
+    the output."""
+    stems = {path: posixpath.splitext(posixpath.basename(path))[0] for path in files}
+    stems = {path: "input" if stem in ("", ".", "..") else stem for path, stem in stems.items()}
+    counts = Counter(stems.values())
+    return {
+        path: stem if counts[stem] == 1 else f"{stem}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+        for path, stem in stems.items()
+    }
+
+
+def output_schema(passthrough: dict[str, pa.DataType | None], explain: bool) -> pa.Schema:
+    """The labeling output's columns, in order. A passthrough type of None is taken from the data."""
+    fields = [pa.field(schema.KEY, pa.string())]
+    fields += [pa.field(name, t if t is not None else pa.null()) for name, t in passthrough.items()]
+    fields += [
+        pa.field(LABEL, pa.string()),
+        pa.field(LABEL_ID, pa.int64()),
+        pa.field(CONFIDENCE, pa.float32()),
+        pa.field(TOP_K_LABELS, pa.list_(pa.string())),
+        pa.field(TOP_K_SCORES, pa.list_(pa.float32())),
+        pa.field(schema.STATUS, pa.string()),
+        pa.field(schema.ERROR_MESSAGE, pa.string()),
+        pa.field(MODEL, pa.string()),
+        pa.field(schema.SOURCE, pa.string()),
+    ]
+    if explain:
+        fields += [pa.field(ATTENTION_WORDS, pa.list_(pa.string())), pa.field(ATTENTION_WEIGHTS, pa.list_(pa.float32()))]
+    return pa.schema(fields)
+
+
+def to_output_table(predicted: pa.Table, out_schema: pa.Schema, model_identity: str) -> pa.Table:
+    """BundlePredictor's rows -> labeling output rows: predicted / predicted_id become label / label_id,
+    the model identity is added, columns are ordered and typed as ``out_schema`` (null-typed fields
+    there take the data's type, or string when a whole batch is null)."""
+    n = predicted.num_rows
+    renamed = {schema.PREDICTED: LABEL, schema.PREDICTED_ID: LABEL_ID}
+    source: dict[str, pa.ChunkedArray | pa.Array] = {}
+    for name in predicted.column_names:
+        if name in (LABEL, LABEL_ID):  # the input's own (ground truth) columns: not part of the output
+            continue
+        source[renamed.get(name, name)] = predicted.column(name)
+    source[MODEL] = pa.array([model_identity] * n, pa.string())
+    columns, fields = [], []
+    for f in out_schema:
+        column = source.get(f.name)
+        if column is None:
+            column = pa.nulls(n, f.type if not pa.types.is_null(f.type) else pa.string())
+        wanted = f.type
+        if pa.types.is_null(wanted):
+            wanted = pa.string() if pa.types.is_null(column.type) else column.type
+        if column.type != wanted:
+            if pa.types.is_floating(column.type) and not pa.types.is_floating(wanted):
+                # Ray hands a nullable integer column over as float with NaN for its nulls.
+                column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
+            column = column.cast(wanted)
+        columns.append(column)
+        fields.append(pa.field(f.name, wanted))
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
+
+
+def write_label_batch(
+    predicted: pa.Table, out: rfs.Location, names: dict[str, str], out_schema: pa.Schema, model_identity: str
+) -> pa.Table:
+    """Writes the rows of each input file in this batch to ``<out>/<name>/part-<uuid>.parquet``;
+    returns one count row per file written (name, rows, ok)."""
+    table = to_output_table(predicted, out_schema, model_identity)
+    sources = table.column(schema.SOURCE).to_pylist()
+    statuses = np.asarray(table.column(schema.STATUS).to_pylist(), dtype=object)
+    counts: dict[str, list] = {COUNT_NAME: [], COUNT_ROWS: [], COUNT_OK: []}
+    for source in dict.fromkeys(sources):
+        name = names.get(source) or names.get(strip_scheme(source))
+        if name is None:
+            raise LabelError(f"row source {source!r} is not one of the planned inputs")
+        rows = np.flatnonzero(np.asarray(sources, dtype=object) == source)
+        part = table.take(pa.array(rows))
+        path = posixpath.join(out.path, name, f"{PART_PREFIX}{uuid.uuid4().hex}.parquet")
+        out.fs.create_dir(posixpath.dirname(path), recursive=True)
+        pq.write_table(part, path, filesystem=out.fs)
+        counts[COUNT_NAME].append(name)
+        counts[COUNT_ROWS].append(len(rows))
+        counts[COUNT_OK].append(int((statuses[rows] == Status.OK.value).sum()))
+    return pa.table(
+        {
+            COUNT_NAME: pa.array(counts[COUNT_NAME], pa.string()),
+            COUNT_ROWS: pa.array(counts[COUNT_ROWS], pa.int64()),
+            COUNT_OK: pa.array(counts[COUNT_OK], pa.int64()),
+        }
+    )
+
+
+class PartWriter:
+    """``write_label_batch`` in a long-lived actor: a writer that needs no CPU reservation can always
+    run, so labeled rows are written as they come instead of piling up in the object store while
+    preprocessing and inference hold every CPU; and it imports its libraries once, not per task."""
+
+    def __init__(self, out: rfs.Location, names: dict[str, str], out_schema: pa.Schema, model_identity: str):
+        self.args = (out, names, out_schema, model_identity)
+
+    def __call__(self, predicted: pa.Table) -> pa.Table:
+        return write_label_batch(predicted, *self.args)
+
+
+def strip_scheme(path: str) -> str:
+    return path.split("://", 1)[1] if "://" in path else path
