@@ -197,6 +197,7 @@ class ProcessSampler:
         self.names: dict[int, set[str]] = {}
         self._start: dict[int, float] = {}
         self._last: dict[int, float] = {}
+        self._name: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -204,6 +205,7 @@ class ProcessSampler:
         tree = process_tree(self.root)
         for pid, (name, cpu) in tree.items():
             self.names.setdefault(pid, set()).add(name)
+            self._name[pid] = name
             self._last[pid] = cpu
         if self.memory:
             usage = {pid: _memory_kib(pid) for pid in tree}
@@ -231,6 +233,15 @@ class ProcessSampler:
     @property
     def cpu_s(self) -> float:
         return sum(cpu - self._start.get(pid, 0.0) for pid, cpu in self._last.items())
+
+    @property
+    def cpu_s_by_name(self) -> dict[str, float]:
+        """CPU seconds per process name (a renamed worker counts under its last name), largest first."""
+        by_name: dict[str, float] = {}
+        for pid, cpu in self._last.items():
+            name = self._name[pid]
+            by_name[name] = by_name.get(name, 0.0) + cpu - self._start.get(pid, 0.0)
+        return {k: round(v, 2) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1]) if v >= 0.01}
 
     def __enter__(self) -> ProcessSampler:
         self._sample()

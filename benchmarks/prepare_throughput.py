@@ -275,6 +275,7 @@ def prepare_run(label: str, input_dir: Path, images: int, args, out_root: Path) 
         "pass2_img_per_s": rate(images, pass2["time_total_s"]) if pass2 else None,
         "outside_passes_s": round(t.wall_s - pass1_s - (pass2["time_total_s"] if pass2 else 0), 3),
         "tree_cpu_s": round(sampler.cpu_s, 2),
+        "tree_cpu_s_by_name": sampler.cpu_s_by_name,
         "system_cpu_s": round(sys1 - sys0, 2),
         "ray_workers_before": len(ray_workers(tree0)),
         "ray_workers_after": len(ray_workers(tree1)),
