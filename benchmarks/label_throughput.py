@@ -170,7 +170,9 @@ def parse_args(argv=None):
     p.add_argument("--rows", default="10000,100000", help="comma-separated row counts for the job-vs-plain-loop runs")
     p.add_argument("--memory-rows", default="10000,100000", help="comma-separated row counts for the memory runs")
     p.add_argument("--bundle", help="a trained bundle (default: the default architecture, random weights)")
-    p.add_argument("--batch-size", type=int, default=256, help="rows per batch, both sides")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="rows per model call, both sides (and per read batch in the plain loop; the job reads "
+                        "with its own ray.batch_size)")
     p.add_argument("--data-dir", help="where the sample is cached (default: $TMPDIR/raypipe-bench/label-...)")
     p.add_argument("--skip-plain", action="store_true", help="only the job (e.g. to re-measure memory)")
     p.add_argument("--job-arg", action="append", default=[], help="extra section.field=value for the job")
@@ -191,7 +193,7 @@ def main(argv=None) -> int:
     all_files = ensure_data(root, max([*compare_rows, *memory_rows]))
     bundle_url = args.bundle or ensure_bundle(bench / "label-bundle-default-random", all_files)
     work = Path(tempfile.mkdtemp(prefix="label-out-", dir=bench))
-    extra = [f"ray.batch_size={args.batch_size}", f"predict.batch_size={args.batch_size}", *args.job_arg]
+    extra = [f"predict.batch_size={args.batch_size}", *args.job_arg]
     results: dict = {"machine": machine_info(), "batch_size": args.batch_size, "image_size": list(IMAGE_SIZE),
                      "bundle": bundle_url, "job_args": extra, "compare": {}, "memory": {}}
     line = []

@@ -157,7 +157,14 @@ class RayConfig(Section):
         None, description="Ray cluster to join ('auto', ray://host:10001). Default: RAY_ADDRESS, else a local cluster."
     )
     num_cpus: int | None = Field(None, ge=1, description="Logical CPUs of a local cluster. Default: all cores.")
-    batch_size: int = Field(256, ge=1, description="Rows per preprocessing batch (map_batches).")
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Rows per preprocessing batch (map_batches). Default: one batch per read block (a Parquet file "
+        "or tar, up to block_mib), which lets Ray Data run the read and the preprocessing in one task instead of "
+        "passing the image bytes between two through the object store. A number caps the batch; the read then "
+        "runs as tasks of its own.",
+    )
     progress_bars: bool = Field(True, description="Show Ray Data progress bars.")
     block_mib: int = Field(
         128,
