@@ -9,8 +9,10 @@ short names the file at once.
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -136,53 +138,88 @@ def plan_inputs(data: DataConfig, storage: StorageConfig, extra_columns: tuple[s
     return InputPlan(fmt, filesystem, tuple(files), columns)
 
 
-def read_pairs(plan: InputPlan, limit: int | None = None, with_images: bool = True):
-    """The normalized pair rows of every input, as a lazy Ray Dataset.
+class BatchSteps:
+    """Per-batch functions run one after another in one ``map_batches`` call. Between two calls Ray
+    Data builds an Arrow block even when it fuses them into one task, which for a column of JPEG bytes
+    costs ~90 us a row (more than the normalization itself), so the steps of a read branch share one."""
 
-    ``with_images=False`` leaves the image bytes in storage (Parquet) or drops them while reading
-    (tar), for passes that only need text and labels; ``image`` is then None everywhere."""
+    def __init__(self, *steps: Callable[[dict], dict]):
+        self.steps = steps
+
+    def __call__(self, batch: dict) -> dict:
+        for step in self.steps:
+            batch = step(batch)
+        return batch
+
+
+def read_pairs(
+    plan: InputPlan,
+    limit: int | None = None,
+    with_images: bool = True,
+    then: tuple[Callable[[dict], dict], ...] = (),
+    batch_size: int | None = None,
+):
+    """The normalized pair rows of every input, as a lazy Ray Dataset, with the per-batch steps
+    ``then`` (e.g. preprocessing) applied.
+
+    ``then`` runs in the same ``map_batches`` call as the normalization, on each read branch before
+    branches are joined (a union ends Ray Data's operator fusion): each file is read, normalized and
+    preprocessed in one task. ``batch_size`` caps its rows per batch (None: one batch per read block,
+    which is also what lets Ray Data fuse the read itself into that task). With a ``limit``, ``then``
+    runs after the limit instead. ``with_images=False`` leaves the image bytes in storage (Parquet) or
+    drops them while reading (tar), for passes that only need text and labels; ``image`` is then None
+    everywhere."""
     import ray.data
 
+    fused = then if limit is None else ()
+
+    def normalized(ds, *steps):
+        return ds.map_batches(BatchSteps(*steps, *fused), batch_size=batch_size, batch_format="numpy")
+
     if plan.format == "webdataset":
-        ds = ray.data.read_webdataset(
-            list(plan.files),
-            filesystem=plan.filesystem,
-            decoder=None,
-            suffixes=None if with_images else ["txt", "json"],
-            override_num_blocks=len(plan.files),
-        ).map_batches(normalize_webdataset, fn_args=(plan.columns,), batch_format="numpy")
+        ds = normalized(
+            ray.data.read_webdataset(
+                list(plan.files),
+                filesystem=plan.filesystem,
+                decoder=None,
+                suffixes=None if with_images else ["txt", "json"],
+                override_num_blocks=len(plan.files),
+            ),
+            partial(normalize_webdataset, columns=plan.columns),
+        )
         if plan.metadata_files:
-            ds = ds.union(_failed_downloads(plan))
+            ds = ds.union(normalized(*_failed_downloads(plan)))
     else:
         wanted = [plan.columns.key, plan.columns.text, *plan.columns.extra]
         if with_images:
             wanted.append(plan.columns.image)
         if plan.format == "img2dataset_parquet":
             wanted += ["status", "error_message"]
-        ds = (
+        ds = normalized(
             ray.data.read_parquet(
                 list(plan.files), filesystem=plan.filesystem, include_paths=True, override_num_blocks=len(plan.files)
-            )
-            .select_columns([*dict.fromkeys(wanted), "path"])
-            .map_batches(normalize_table, fn_args=(plan.columns,), batch_format="numpy")
+            ).select_columns([*dict.fromkeys(wanted), "path"]),
+            partial(normalize_table, columns=plan.columns),
         )
-    return ds.limit(limit) if limit else ds
+    if limit is None:
+        return ds
+    ds = ds.limit(limit)
+    return ds.map_batches(BatchSteps(*then), batch_size=batch_size, batch_format="numpy") if then else ds
 
 
 def _failed_downloads(plan: InputPlan):
-    """Rows img2dataset listed in a shard's metadata but could not download (absent from the tar)."""
+    """Rows img2dataset listed in a shard's metadata but could not download (absent from the tar): the
+    metadata read, and the steps that turn its rows into normalized pair rows."""
     import ray.data
 
     file_schema = pq.read_schema(plan.metadata_files[0], filesystem=plan.filesystem)
     extra = tuple(c for c in plan.columns.extra if c in file_schema.names)
     columns = InputColumns(IMG2DATASET_COLUMNS.key, IMG2DATASET_COLUMNS.image, IMG2DATASET_COLUMNS.text, extra)
     wanted = ["key", "caption", "status", "error_message", *extra]
-    return (
-        ray.data.read_parquet(list(plan.metadata_files), filesystem=plan.filesystem, include_paths=True)
-        .select_columns([*wanted, "path"])
-        .map_batches(_failed_rows_of_tar, batch_format="numpy")
-        .map_batches(normalize_table, fn_args=(columns,), batch_format="numpy")
-    )
+    metadata = ray.data.read_parquet(
+        list(plan.metadata_files), filesystem=plan.filesystem, include_paths=True
+    ).select_columns([*wanted, "path"])
+    return metadata, _failed_rows_of_tar, partial(normalize_table, columns=columns)
 
 
 def _failed_rows_of_tar(batch: dict) -> dict:

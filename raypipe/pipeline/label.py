@@ -259,8 +259,7 @@ def labeled_dataset(plan: LabelPlan):
     names = {item.path: item.name for item in plan.pending}
     names.update({strip_scheme(p): n for p, n in list(names.items())})
     return (
-        read_pairs(_pending_inputs(plan))
-        .map_batches(preparer, batch_size=cfg.ray.batch_size, batch_format="numpy", num_cpus=1)
+        read_pairs(_pending_inputs(plan), then=(preparer,), batch_size=cfg.ray.batch_size)
         .select_columns(list(dict.fromkeys(keep)))
         .map_batches(
             predict.BundlePredictor,

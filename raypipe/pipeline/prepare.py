@@ -21,6 +21,7 @@ import logging
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
@@ -92,11 +93,11 @@ class PreparePlan:
         labels = self.cfg.labels
         return None if labels.source == "none" else LabelRule(labels.source, classes, labels.column, labels.min_prob)
 
-    def pairs(self, with_images: bool = True):
-        ds = read_pairs(self.inputs, self.cfg.data.limit, with_images=with_images)
-        if self.sidecar is None:
-            return ds
-        return ds.map_batches(attach_sidecar, fn_args=(self.sidecar, self.sidecar_join), batch_format="numpy")
+    def pairs(self, then: tuple = (), with_images: bool = True):
+        """The normalized rows (with the label sidecar's columns), with the per-batch steps ``then``."""
+        if self.sidecar is not None:
+            then = (partial(attach_sidecar, sidecar=self.sidecar, join_on=self.sidecar_join), *then)
+        return read_pairs(self.inputs, self.cfg.data.limit, with_images, then, self.cfg.ray.batch_size)
 
 
 def plan_prepare(cfg: DataSections) -> PreparePlan:
@@ -122,11 +123,10 @@ def build_vocab_and_classes(plan: PreparePlan) -> tuple[Vocabulary, tuple[str, .
     Returns the vocabulary, the class list and the number of labeled rows per class."""
     cfg = plan.cfg
     configured = tuple(cfg.labels.classes or ())
-    counts = plan.pairs(with_images=False).map_batches(
-        count_batch,
-        fn_args=(TextNormalizer(cfg.text.options()), plan.label_rule(configured), plan.split),
-        batch_size=cfg.ray.batch_size,
-        batch_format="numpy",
+    counts = plan.pairs(
+        (partial(count_batch, normalizer=TextNormalizer(cfg.text.options()), label_rule=plan.label_rule(configured),
+                 split=plan.split),),
+        with_images=False,
     )
     tokens, labels = Counter(), Counter()
     for batch in counts.iter_batches(batch_format="numpy", batch_size=None):
@@ -146,11 +146,7 @@ def prepared_dataset(plan: PreparePlan, vocab: Vocabulary, classes: tuple[str, .
     )
     keep = [schema.KEY, schema.IMAGE, schema.TOKENS, schema.LENGTH, schema.LABEL, schema.LABEL_ID, schema.SPLIT,
             schema.SOURCE, schema.STATUS, schema.ERROR_MESSAGE, *cfg.data.keep_columns]
-    return (
-        plan.pairs()
-        .map_batches(preparer, batch_size=cfg.ray.batch_size, batch_format="numpy")
-        .select_columns(list(dict.fromkeys(keep)))
-    )
+    return plan.pairs((preparer,)).select_columns(list(dict.fromkeys(keep)))
 
 
 def read_prepared(root: rfs.Location):
