@@ -303,9 +303,10 @@ def pass2_breakdown(r: dict) -> dict | None:
     if not write:
         return None
     ops = write[-1]["operators"]
-    reads = [o for o in ops if o["operator"].startswith("Read") and o["tasks"]]
+    # The preprocessing operator is the one that writes (the read is fused into it when Ray Data can).
+    main = next((o for o in ops if o["operator"].endswith("Write")), None)
+    reads = [o for o in ops if o["operator"].startswith("Read") and o["tasks"] and o is not main]
     listing = [o for o in ops if o["operator"] == "ListFiles" and o["tasks"]]
-    main = next((o for o in ops if "PairPreparer" in o["operator"]), None)
     stages = {}
     if main and main["stage_time_s"]:
         names = main["operator"].split("->")
