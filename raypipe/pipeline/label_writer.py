@@ -19,7 +19,7 @@ from raypipe.schema import Status
 
 PART_PREFIX = "part-"
 # Labeling output columns (the "Labeling output" contract of design.md).
-LABEL, LABEL_ID, CONFIDENCE = "label", "label_id", "confidence"
+LABEL, LABEL_ID, CONFIDENCE = schema.LABEL, schema.LABEL_ID, schema.CONFIDENCE
 TOP_K_LABELS, TOP_K_SCORES = schema.TOP_K_LABELS, schema.TOP_K_SCORES
 MODEL = "model"  # identity of the bundle that produced the row (sha256 prefix of its weights)
 ATTENTION_WORDS, ATTENTION_WEIGHTS = schema.ATTENTION_WORDS, schema.ATTENTION_WEIGHTS
@@ -101,14 +101,14 @@ def write_label_batch(
     """Writes the rows of each input file in this batch to ``<out>/<name>/part-<uuid>.parquet``;
     returns one count row per file written (name, rows, ok)."""
     table = to_output_table(predicted, out_schema, model_identity)
-    sources = table.column(schema.SOURCE).to_pylist()
+    sources = np.asarray(table.column(schema.SOURCE).to_pylist(), dtype=object)
     statuses = np.asarray(table.column(schema.STATUS).to_pylist(), dtype=object)
     counts: dict[str, list] = {COUNT_NAME: [], COUNT_ROWS: [], COUNT_OK: []}
     for source in dict.fromkeys(sources):
         name = names.get(source) or names.get(strip_scheme(source))
         if name is None:
             raise LabelError(f"row source {source!r} is not one of the planned inputs")
-        rows = np.flatnonzero(np.asarray(sources, dtype=object) == source)
+        rows = np.flatnonzero(sources == source)
         part = table.take(pa.array(rows))
         path = posixpath.join(out.path, name, f"{PART_PREFIX}{uuid.uuid4().hex}.parquet")
         out.fs.create_dir(posixpath.dirname(path), recursive=True)
