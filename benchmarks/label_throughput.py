@@ -98,7 +98,7 @@ def plain_loop(files: list[Path], bundle_url: str, out_dir: Path, batch_size: in
     from raypipe.bundle import load_bundle
     from raypipe.config import StorageConfig
     from raypipe.io.normalize import normalize_table
-    from raypipe.io.readers import IMG2DATASET_COLUMNS
+    from raypipe.io.normalize import IMG2DATASET_COLUMNS
     from raypipe.pipeline.label_writer import output_schema, to_output_table
     from raypipe.pipeline.predict import BundlePredictor
     from raypipe.transforms.pairs import ModelInputPreparer

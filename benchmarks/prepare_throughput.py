@@ -132,16 +132,14 @@ def single_process_prepare(files: list[Path], batch_size: int) -> dict:
     from collections import Counter
 
     from raypipe.config import PrepareConfig
-    from raypipe.io.normalize import normalize_table
-    from raypipe.io.readers import IMG2DATASET_COLUMNS
-    from raypipe.io.normalize import InputColumns
+    from raypipe.io.normalize import IMG2DATASET_COLUMNS, normalize_table
     from raypipe.transforms.labels import LabelRule
     from raypipe.transforms.pairs import TOKEN, PairPreparer, SplitRule, count_batch
     from raypipe.transforms.text import TextNormalizer, _tables
     from raypipe.transforms.vocab import Vocabulary
 
     cfg = PrepareConfig()
-    columns = InputColumns(IMG2DATASET_COLUMNS.key, IMG2DATASET_COLUMNS.image, IMG2DATASET_COLUMNS.text, ("label",))
+    columns = IMG2DATASET_COLUMNS.with_extra(("label",))
 
     with timed() as t_wordnet:  # what every fresh process pays on its first lemmatized word
         _tables()

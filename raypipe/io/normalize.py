@@ -8,7 +8,7 @@ later in the image transform.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -26,6 +26,12 @@ class InputColumns:
     image: str = "jpg"
     text: str = "caption"
     extra: tuple[str, ...] = ()  # passthrough and label-input columns, copied as they are
+
+    def with_extra(self, extra: tuple[str, ...]) -> InputColumns:
+        return replace(self, extra=tuple(extra))
+
+
+IMG2DATASET_COLUMNS = InputColumns(key="key", image="jpg", text="caption")
 
 
 def _text_or_empty(value) -> str:
@@ -70,34 +76,38 @@ def normalize_table(batch: dict[str, np.ndarray], columns: InputColumns) -> dict
     return out
 
 
-def normalize_webdataset(batch: dict[str, np.ndarray], columns: InputColumns) -> dict[str, np.ndarray]:
-    """A read_webdataset batch (``__key__``, ``__url__``, ``jpg``, ``txt``, ``json``) -> normalized rows.
+def normalize_webdataset(
+    samples: list[tuple[str, dict[str, bytes]]], source: str, columns: InputColumns
+) -> dict[str, np.ndarray]:
+    """The samples of one tar, (key, {suffix: member bytes}), -> normalized rows.
 
-    Passthrough columns come from each sample's ``.json``, where img2dataset stores saved columns.
+    The text is the ``.txt`` member, else the caption in the ``.json``, where img2dataset also stores
+    the saved columns that become passthrough columns. A sample without an image member keeps its row.
     """
-    n = len(batch["__key__"])
-    # A tar may mix image members (a.jpg, b.png): each sample takes the one it has.
-    image_columns = [batch[s] for s in WEBDATASET_IMAGE_SUFFIXES if s in batch]
-    metas = [_parse_json(v) for v in batch["json"]] if "json" in batch else [{}] * n
+    n = len(samples)
+    files = [member_files for _, member_files in samples]
+    metas = [_parse_json(f.get("json")) for f in files]
     out = {
-        schema.KEY: _object_column(str(k).rsplit("/", 1)[-1] for k in batch["__key__"]),
+        schema.KEY: _object_column(key for key, _ in samples),
+        # A tar may mix image members (a.jpg, b.png): each sample takes the one it has.
         schema.IMAGE: _object_column(
-            next((image for column in image_columns if (image := _bytes_or_none(column[i])) is not None), None)
-            for i in range(n)
+            next((image for s in WEBDATASET_IMAGE_SUFFIXES if (image := _bytes_or_none(f.get(s))) is not None), None)
+            for f in files
         ),
-        schema.TEXT: _object_column(_text_or_empty(t) for t in batch["txt"])
-        if "txt" in batch
-        else _object_column(m.get("caption") or "" for m in metas),
-        schema.SOURCE: batch["__url__"],
+        schema.TEXT: _object_column(
+            _text_or_empty(f["txt"]) if "txt" in f else _text_or_empty(meta.get("caption"))
+            for f, meta in zip(files, metas)
+        ),
+        schema.SOURCE: np.full(n, source, dtype=object),
         **schema.new_status_columns(n),
     }
     for name in columns.extra:
-        out[name] = _object_column(m.get(name) for m in metas)
+        out[name] = _object_column(meta.get(name) for meta in metas)
     return out
 
 
-def _parse_json(value) -> dict:
-    if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)):
+def _parse_json(value: bytes | None) -> dict:
+    if value is None:
         return {}
     try:
         parsed = json.loads(value)

@@ -8,13 +8,11 @@ short names the file at once.
 
 from __future__ import annotations
 
-import posixpath
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -22,15 +20,11 @@ import pyarrow.parquet as pq
 
 from raypipe.config import DataConfig, StorageConfig
 from raypipe.io import fs as rfs
-from raypipe.io.normalize import IMG2DATASET_OK, InputColumns, normalize_table, normalize_webdataset
+from raypipe.io.errors import InputError
+from raypipe.io.normalize import IMG2DATASET_COLUMNS, InputColumns, normalize_table
 
-IMG2DATASET_COLUMNS = InputColumns(key="key", image="jpg", text="caption")
 TAR_BLOCK = 512
 TAR_END = b"\0" * (2 * TAR_BLOCK)  # the end-of-archive marker
-
-
-class InputError(ValueError):
-    """Input files that cannot be read as configured; the message names the file and the fix."""
 
 
 @dataclass(frozen=True)
@@ -125,7 +119,7 @@ def plan_inputs(data: DataConfig, storage: StorageConfig, extra_columns: tuple[s
         return InputPlan(fmt, filesystem, tuple(files), InputColumns(extra=extra_columns), metadata)
 
     if fmt == "img2dataset_parquet":
-        columns = InputColumns(IMG2DATASET_COLUMNS.key, IMG2DATASET_COLUMNS.image, IMG2DATASET_COLUMNS.text, extra_columns)
+        columns = IMG2DATASET_COLUMNS.with_extra(extra_columns)
     else:
         columns = InputColumns(data.key_column, data.image_column, data.text_column, extra_columns)
     for path, file_schema in zip(files, _read_schemas(filesystem, files)):
@@ -162,33 +156,25 @@ def read_pairs(
     """The normalized pair rows of every input, as a lazy Ray Dataset, with the per-batch steps
     ``then`` (e.g. preprocessing) applied.
 
-    ``then`` runs in the same ``map_batches`` call as the normalization, on each read branch before
-    branches are joined (a union ends Ray Data's operator fusion): each file is read, normalized and
-    preprocessed in one task. ``batch_size`` caps its rows per batch (None: one batch per read block,
+    ``then`` runs in the same ``map_batches`` call as the normalization (tars: right after the reader,
+    which normalizes): each file is read, normalized and preprocessed in one task. ``batch_size`` caps its rows per batch (None: one batch per read block,
     which is also what lets Ray Data fuse the read itself into that task). With a ``limit``, ``then``
     runs after the limit instead. ``with_images=False`` leaves the image bytes in storage (Parquet) or
     drops them while reading (tar), for passes that only need text and labels; ``image`` is then None
     everywhere."""
     import ray.data
 
+    from raypipe.io.tar import WebDatasetPairs
+
     fused = then if limit is None else ()
 
     def normalized(ds, *steps):
-        return ds.map_batches(BatchSteps(*steps, *fused), batch_size=batch_size, batch_format="numpy")
+        steps = (*steps, *fused)
+        return ds.map_batches(BatchSteps(*steps), batch_size=batch_size, batch_format="numpy") if steps else ds
 
     if plan.format == "webdataset":
-        ds = normalized(
-            ray.data.read_webdataset(
-                list(plan.files),
-                filesystem=plan.filesystem,
-                decoder=None,
-                suffixes=None if with_images else ["txt", "json"],
-                override_num_blocks=len(plan.files),
-            ),
-            partial(normalize_webdataset, columns=plan.columns),
-        )
-        if plan.metadata_files:
-            ds = ds.union(normalized(*_failed_downloads(plan)))
+        tars = WebDatasetPairs(list(plan.files), plan.filesystem, plan.columns, plan.metadata_files, with_images)
+        ds = normalized(ray.data.read_datasource(tars, override_num_blocks=len(plan.files)))
     else:
         wanted = [plan.columns.key, plan.columns.text, *plan.columns.extra]
         if with_images:
@@ -205,29 +191,6 @@ def read_pairs(
         return ds
     ds = ds.limit(limit)
     return ds.map_batches(BatchSteps(*then), batch_size=batch_size, batch_format="numpy") if then else ds
-
-
-def _failed_downloads(plan: InputPlan):
-    """Rows img2dataset listed in a shard's metadata but could not download (absent from the tar): the
-    metadata read, and the steps that turn its rows into normalized pair rows."""
-    import ray.data
-
-    file_schema = pq.read_schema(plan.metadata_files[0], filesystem=plan.filesystem)
-    extra = tuple(c for c in plan.columns.extra if c in file_schema.names)
-    columns = InputColumns(IMG2DATASET_COLUMNS.key, IMG2DATASET_COLUMNS.image, IMG2DATASET_COLUMNS.text, extra)
-    wanted = ["key", "caption", "status", "error_message", *extra]
-    metadata = ray.data.read_parquet(
-        list(plan.metadata_files), filesystem=plan.filesystem, include_paths=True
-    ).select_columns([*wanted, "path"])
-    return metadata, _failed_rows_of_tar, partial(normalize_table, columns=columns)
-
-
-def _failed_rows_of_tar(batch: dict) -> dict:
-    """Keeps the failed rows (the others are in the tar) and names the tar as their source."""
-    failed = batch["status"] != IMG2DATASET_OK
-    batch = {name: column[failed] for name, column in batch.items()}
-    batch["path"] = np.array([posixpath.splitext(p)[0] + ".tar" for p in batch["path"]], dtype=object)
-    return batch
 
 
 def read_sidecar(url: str, storage: StorageConfig, join_on: str, columns: tuple[str, ...]) -> pa.Table:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-import tarfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +43,7 @@ from raypipe.bundle import Bundle, load_bundle
 from raypipe.config import LabelJobConfig, dump_config
 from raypipe.io import fs as rfs
 from raypipe.io.readers import InputPlan, plan_inputs, read_pairs
+from raypipe.io.tar import tar_members, tar_samples
 from raypipe.pipeline import predict
 from raypipe.pipeline.cluster import init_ray, say
 from raypipe.pipeline.label_writer import (
@@ -72,15 +72,9 @@ class InputFile:
 
 
 def _tar_keys(filesystem: pafs.FileSystem, path: str) -> list[str]:
-    """Sample keys of a WebDataset tar (member name up to the first dot of its base name)."""
-    keys: dict[str, None] = {}
-    with filesystem.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-        for member in tar:
-            if member.isfile():
-                base = posixpath.basename(member.name)
-                if not base.startswith("."):
-                    keys[base.split(".", 1)[0]] = None
-    return list(keys)
+    """Sample keys of a WebDataset tar, as the reader finds them (member bytes read past, not kept)."""
+    with filesystem.open_input_stream(path) as stream:
+        return [key for key, _ in tar_samples(tar_members(stream, path, keep=lambda name: False), path)]
 
 
 def _parallel(fn, items: list) -> list:

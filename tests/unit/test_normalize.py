@@ -40,18 +40,18 @@ def test_plain_table_with_configured_columns():
 
 def test_webdataset_samples_take_passthrough_from_json_and_survive_missing_members():
     meta = json.dumps({"id": 42, "label": "park", "caption": "from json"}).encode()
-    batch = {
-        "__key__": _obj(["00000001", "00000002"]),
-        "__url__": _obj(["s3://b/00000.tar"] * 2),
-        "jpg": _obj([b"\xff\xd8", np.nan]),  # the second sample has no image member
-        "txt": _obj([b"caption \xc3\xa9", "text"]),
-        "json": _obj([meta, b"{not json"]),
-    }
-    out = normalize_webdataset(batch, InputColumns(extra=("id", "label")))
-    assert list(out[schema.KEY]) == ["00000001", "00000002"]
-    assert out[schema.IMAGE][1] is None and out[schema.TEXT][0] == "caption é"
-    assert list(out["id"]) == [42, None] and list(out["label"]) == ["park", None]
-    assert list(out[schema.SOURCE]) == ["s3://b/00000.tar"] * 2
+    samples = [
+        ("00000001", {"jpg": b"\xff\xd8", "txt": b"caption \xc3\xa9", "json": meta}),
+        ("00000002", {"txt": b"text", "json": b"{not json"}),  # no image member
+        ("00000003", {"png": b"\x89PNG", "json": meta}),  # no text member: the caption in the json
+    ]
+    out = normalize_webdataset(samples, "s3://b/00000.tar", InputColumns(extra=("id", "label")))
+    assert list(out[schema.KEY]) == ["00000001", "00000002", "00000003"]
+    assert out[schema.IMAGE][1] is None and out[schema.IMAGE][2] == b"\x89PNG"
+    assert list(out[schema.TEXT]) == ["caption é", "text", "from json"]
+    assert list(out["id"]) == [42, None, 42] and list(out["label"]) == ["park", None, "park"]
+    assert list(out[schema.SOURCE]) == ["s3://b/00000.tar"] * 3
+    assert list(out[schema.STATUS]) == ["ok"] * 3
 
 
 def test_status_columns_recover_from_ray_null_columns():

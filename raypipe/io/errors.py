@@ -1,0 +1,2 @@
+class InputError(ValueError):
+    """Input files that cannot be read as configured; the message names the file and the fix."""

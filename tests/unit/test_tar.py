@@ -1,0 +1,83 @@
+"""The tar reader against tars written by Python's tarfile in each of its formats."""
+
+import io
+import tarfile
+
+import pytest
+
+from raypipe.io.errors import InputError
+from raypipe.io.tar import tar_members, tar_samples
+
+LONG_DIR = "shards/" + "d" * 120  # past ustar's 100-byte name field
+MEMBERS = [
+    ("00000001.jpg", b"\xff\xd8jpeg bytes" * 100),
+    ("00000001.txt", "un café".encode()),
+    ("00000001.json", b'{"caption": "x"}'),
+    (f"{LONG_DIR}/00000002.jpg", b"\xff\xd8" + bytes(range(256)) * 3),
+    (f"{LONG_DIR}/00000002.txt", b""),  # an empty member: a header and no data block
+    ("._00000002.jpg", b"macOS resource fork"),  # hidden: no sample key
+]
+
+
+def _tar(members, tar_format=tarfile.PAX_FORMAT, mtime=1_700_000_000.000125) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tar_format) as tar:
+        directory = tarfile.TarInfo("shards")
+        directory.type = tarfile.DIRTYPE
+        tar.addfile(directory)
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), mtime  # a fractional mtime: a pax header per member
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT], ids=["pax", "gnu", "ustar"])
+def test_members_match_what_tarfile_reads(tar_format):
+    data = _tar(MEMBERS, tar_format, mtime=1_700_000_000)  # ustar takes no fractional mtime
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        expected = [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
+    assert list(tar_members(io.BytesIO(data), "t.tar", keep=lambda name: True)) == expected
+
+
+def test_pax_headers_before_every_member_and_refused_members_are_read_past():
+    data = _tar(MEMBERS)
+    assert data.count(b"PaxHeader") >= len(MEMBERS)
+    members = list(tar_members(io.BytesIO(data), "t.tar", keep=lambda name: not name.endswith(".jpg")))
+    assert [name for name, _ in members] == [name for name, _ in MEMBERS]
+    assert [body for name, body in members if name.endswith(".jpg")] == [None, None, None]
+    assert dict(members)["00000001.txt"] == "un café".encode()
+
+
+def test_samples_group_adjacent_members_and_skip_hidden_files():
+    samples = list(tar_samples(tar_members(io.BytesIO(_tar(MEMBERS)), "t.tar", lambda name: True), "t.tar"))
+    assert [key for key, _ in samples] == ["00000001", "00000002"]
+    assert samples[0][1] == {"jpg": MEMBERS[0][1], "txt": MEMBERS[1][1], "json": MEMBERS[2][1]}
+    assert samples[1][1] == {"jpg": MEMBERS[3][1], "txt": b""}
+
+
+@pytest.mark.parametrize(
+    "members, problem",
+    [
+        ([("a.jpg", b"1"), ("b.jpg", b"2"), ("a.txt", b"3")], "members of sample 'a' are not adjacent"),
+        ([("a.jpg", b"1"), ("a.jpg", b"2")], "'a.jpg' appears twice"),
+    ],
+    ids=["key split in two", "member twice"],
+)
+def test_a_sample_that_would_be_split_or_merged_stops_the_read_naming_the_tar(members, problem):
+    with pytest.raises(InputError, match=f"s3://b/t.tar: .*{problem}"):
+        list(tar_samples(tar_members(io.BytesIO(_tar(members)), "s3://b/t.tar", lambda name: True), "s3://b/t.tar"))
+
+
+def test_a_damaged_header_is_named_with_its_offset():
+    data = bytearray(_tar(MEMBERS, tarfile.USTAR_FORMAT, mtime=0))
+    second_header = 512 + 512 + -(-len(MEMBERS[0][1]) // 512) * 512  # after the directory and the first file
+    data[second_header + 3] ^= 0xFF
+    with pytest.raises(InputError, match=rf"t.tar: damaged tar header at byte {second_header}"):
+        list(tar_members(io.BytesIO(bytes(data)), "t.tar", lambda name: True))
+
+
+def test_a_tar_cut_inside_a_member_fails_instead_of_losing_its_rows():
+    data = _tar(MEMBERS)
+    with pytest.raises(InputError, match=r"t.tar: ends inside '00000001.jpg'"):
+        list(tar_members(io.BytesIO(data[:2048]), "t.tar", lambda name: True))
