@@ -4,9 +4,11 @@
 
 Measures, in one process tree:
 
-1. floor: a bare single-process loop over the Parquet shards (pyarrow read; Image.open ->
-   draft('RGB', (64, 64)) -> convert RGB -> resize BILINEAR 64x64), images/s on one core, best of
-   ``--floor-repeats`` before the job runs and again after them (the faster is the denominator); the same
+1. floor: a bare single-process loop over the Parquet shards (pyarrow read; the fastest decode here:
+   libjpeg-turbo through simplejpeg with its fastest DCT and upsampling, straight to RGB numpy at the
+   smallest DCT scale that keeps 64x64 -> Pillow resize BILINEAR 64x64), images/s on one core, best of
+   ``--floor-repeats`` before the job runs and again after them (the faster is the denominator); the
+   Pillow-only loop of sessions 1-5 (Image.open -> draft -> convert RGB -> resize) for reference; the same
    loop with raypipe's ``load_rgb``; and the whole per-row work of both passes of ``prepare``
    (``count_batch``, ``PairPreparer``: labels, split, image, text) still in one process.
 2. the prepare job: ``ray.init`` (timed on its own), then ``run_prepare`` on the Parquet shards
@@ -59,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `common` when ru
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
+import simplejpeg  # noqa: E402
 
 from common import (  # noqa: E402
     ProcessSampler, env_pairs, load_average, machine_info, process_tree, rate, system_cpu_seconds, timed,
@@ -96,6 +99,11 @@ def parquet_files(root: Path) -> list[Path]:
 # --------------------------------------------------------------------------------------------------
 
 def decode_bare(data: bytes) -> np.ndarray:
+    pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=True, min_height=64, min_width=64)
+    return np.asarray(Image.fromarray(pixels).resize(THUMB, Image.Resampling.BILINEAR))
+
+
+def decode_pillow(data: bytes) -> np.ndarray:
     img = Image.open(io.BytesIO(data))
     img.draft("RGB", THUMB)
     return np.asarray(img.convert("RGB").resize(THUMB, Image.Resampling.BILINEAR))
@@ -490,7 +498,9 @@ def main(argv=None) -> int:
     gc.collect()
     floor = best_of(files, decode_bare, args.floor_repeats)
     images = floor["images"]
-    print(f"  floor (draft+bilinear): {floor['img_per_s']} img/s on one core ({images} images, {floor['seconds']} s)", flush=True)
+    print(f"  floor (simplejpeg):     {floor['img_per_s']} img/s on one core ({images} images, {floor['seconds']} s)", flush=True)
+    floor_pillow = best_of(files, decode_pillow, args.floor_repeats)
+    print(f"  Pillow-only loop:       {floor_pillow['img_per_s']} img/s on one core ({floor_pillow['seconds']} s)", flush=True)
     loadrgb = best_of(files, lambda d: load_rgb(d, opts), args.floor_repeats)
     print(f"  load_rgb:               {loadrgb['img_per_s']} img/s on one core ({loadrgb['seconds']} s)", flush=True)
     single = single_process_prepare(files, args.batch_size or 256)
@@ -561,7 +571,7 @@ def main(argv=None) -> int:
     if busy > k - 1 + 0.2:  # the single-process loops only need one free core
         print(f"note: other processes used {busy} cores during the floor loops: the floor (denominator) is low")
     line = (
-        f"prepare: floor {X:.0f} img/s/core, load_rgb {Y:.0f} img/s/core, pipeline {m['end_to_end_img_per_s']:.0f} "
+        f"prepare: floor {X:.0f} img/s/core (Pillow-only {floor_pillow['img_per_s']:.0f}), load_rgb {Y:.0f} img/s/core, pipeline {m['end_to_end_img_per_s']:.0f} "
         f"img/s on {k} cores (steady {m['steady_pass2_img_per_s']:.0f} img/s), "
         f"ratio W/(X*K) = {m['ratio_steady_to_floor_x_cores']:.2f} (paired with the floor right after each run: "
         f"{m['ratio_paired_median']:.2f})"
@@ -583,6 +593,7 @@ def main(argv=None) -> int:
         "images": images,
         "floor": floor,
         "floor_after": floor_after,
+        "floor_pillow": floor_pillow,
         "load_rgb": loadrgb,
         "single_process_prepare": single,
         "ray": ray_results,

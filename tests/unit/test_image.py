@@ -15,6 +15,7 @@ from raypipe.schema import Status
 from raypipe.transforms.image import (
     RESIZE_MODES,
     ImageError,
+    _decode_plain_jpeg,
     ImageOptions,
     image_rows,
     load_rgb,
@@ -161,10 +162,20 @@ def test_jpeg_draft_is_close_to_a_full_decode():
     assert diff.mean() < 1.5 and diff.max() < 16
 
 
+def _with_exif_orientation_1(data: bytes) -> bytes:
+    """The same JPEG (same scan data) with an EXIF block saying "upright", which sends it down the
+    Pillow path: the plain JPEG takes the simplejpeg one."""
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    segment = exif.tobytes()
+    app1 = b"\xff\xe1" + (len(segment) + 2).to_bytes(2, "big") + segment
+    return data[:2] + app1 + data[2:]
+
+
 # 640x480 to 64x64: stretch and center_crop need 64 rows, so 1/4 scale (160x120; 1/8 would be 60
-# rows); pad needs only 48 rows (the short side is padded), so 1/8 scale.
+# rows); pad needs only 48 rows (the short side is padded), so 1/8 scale. Both decode paths agree.
 @pytest.mark.parametrize("mode, expected", [("stretch", (160, 120)), ("center_crop", (160, 120)), ("pad", (80, 60))])
-def test_jpeg_draft_shrinks_as_far_as_the_resize_mode_allows(monkeypatch, mode, expected):
+def test_jpeg_decodes_as_small_as_the_resize_mode_allows_on_both_paths(monkeypatch, mode, expected):
     drafted = []
     original = JpegImagePlugin.JpegImageFile.draft
 
@@ -174,8 +185,36 @@ def test_jpeg_draft_shrinks_as_far_as_the_resize_mode_allows(monkeypatch, mode, 
         return result
 
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
-    load_rgb(kinds.jpeg_photo(640, 480), ImageOptions(resize_mode=mode))
+    plain, opts = kinds.jpeg_photo(640, 480), ImageOptions(resize_mode=mode)
+    assert _decode_plain_jpeg(plain, opts).shape == (expected[1], expected[0], 3)
+    load_rgb(_with_exif_orientation_1(plain), opts)
     assert drafted == [expected]
+
+
+@pytest.mark.parametrize("mode", RESIZE_MODES)
+@pytest.mark.parametrize(
+    "width, height, save",
+    [
+        (640, 480, {}),
+        (383, 257, {"subsampling": 0}),  # 4:4:4
+        (200, 200, {"subsampling": 1}),  # 4:2:2; Pillow's 1/2 scale where libjpeg-turbo has 3/8 too
+        (65, 130, {"progressive": True}),
+        (1000, 37, {}),
+        (48, 40, {}),  # smaller than the output: no scaling at all
+    ],
+)
+def test_the_simplejpeg_path_gives_exactly_the_pillow_paths_pixels(width, height, save, mode):
+    opts = ImageOptions(resize_mode=mode)
+    for plain in (kinds.jpeg_photo(width, height, **save), kinds.encode(kinds.photo(width, height).convert("L"), "JPEG")):
+        assert _decode_plain_jpeg(plain, opts) is not None
+        via_pillow = _with_exif_orientation_1(plain)
+        assert _decode_plain_jpeg(via_pillow, opts) is None
+        np.testing.assert_array_equal(load_rgb(plain, opts), load_rgb(via_pillow, opts))
+
+
+@pytest.mark.parametrize("kind", ["jpeg_cmyk", "jpeg_truncated"])
+def test_jpegs_the_fast_path_cannot_take_go_to_pillow(kind):
+    assert _decode_plain_jpeg(kinds.ALL_KINDS[kind](), OPTS) is None
 
 
 @pytest.mark.parametrize("kind", ["png_bomb", "png_bomb_huge", "gif_bomb"])
