@@ -15,9 +15,8 @@ from raypipe.io import fs as rfs
 from raypipe.metrics import confusion_matrix, per_class, summary
 from raypipe.pipeline.cluster import init_ray
 from raypipe.pipeline.predict import PREDICTED_ID, BundlePredictor
-from raypipe.pipeline.prepare import VOCAB_FILE, plan_prepare, prepared_dataset, read_prepared
+from raypipe.pipeline.prepare import PreparedOutput, plan_prepare, prepared_dataset
 from raypipe.transforms.split import rows_of_split
-from raypipe.transforms.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +70,16 @@ def predictor_compute(predict: PredictSection, cluster: dict, cpus_per_actor: fl
 
 def _rows_to_evaluate(cfg: EvaluateConfig, bundle):
     if cfg.prepared is not None:
-        root = rfs.resolve(cfg.prepared, cfg.storage)
-        if Vocabulary.from_json(rfs.read_text(root.join(VOCAB_FILE))) != bundle.vocab:
+        prepared = PreparedOutput.open(rfs.resolve(cfg.prepared, cfg.storage))
+        differences = prepared.differences(bundle.vocab, bundle.classes, bundle.image, bundle.text)
+        if differences:
             raise EvaluateError(
-                f"{cfg.prepared} was prepared with another vocabulary than the bundle's; evaluate the raw shards "
-                "instead (leave `prepared` unset) so they are preprocessed with the bundle's settings"
+                f"{cfg.prepared} was not prepared the way the bundle's model expects: {'; '.join(differences)}. "
+                "Evaluate the raw shards instead (leave `prepared` unset): they are then preprocessed with the "
+                "bundle's own settings"
             )
         init_ray(cfg.ray)
-        return read_prepared(root)
+        return prepared.rows()
     sections = DataSections(
         data=cfg.data,
         labels=cfg.labels.model_copy(update={"classes": list(bundle.classes)}),

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -34,10 +34,10 @@ from raypipe.io import fs as rfs
 from raypipe.io.readers import InputPlan, attach_sidecar, plan_inputs, read_pairs, read_sidecar
 from raypipe.pipeline.cluster import init_ray
 from raypipe.schema import Status
-from raypipe.transforms.image import pixels_as_bytes, unpack_images
+from raypipe.transforms.image import ImageOptions, pixels_as_bytes, unpack_images
 from raypipe.transforms.labels import COYO_LABELS, COYO_PROBS, LabelRule
 from raypipe.transforms.pairs import TOKEN, PairPreparer, SplitRule, count_batch
-from raypipe.transforms.text import TextNormalizer, ensure_wordnet
+from raypipe.transforms.text import TextNormalizer, TextOptions, ensure_wordnet
 from raypipe.transforms.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -149,16 +149,48 @@ def prepared_dataset(plan: PreparePlan, vocab: Vocabulary, classes: tuple[str, .
     return plan.pairs((preparer,)).select_columns(list(dict.fromkeys(keep)))
 
 
-def read_prepared(root: rfs.Location):
-    """The rows of a prepare output as a lazy Ray Dataset, images as uint8[S, S, 3] again (S from the
-    output's own prepare_config.json)."""
-    import ray.data
+@dataclass(frozen=True)
+class PreparedOutput:
+    """A prepare output and the settings its rows were made with (its own json files)."""
 
-    image_size = json.loads(rfs.read_text(root.join(CONFIG_FILE)))["image"]["size"]
-    prepared = root.join(PREPARED_DIR)
-    return ray.data.read_parquet(prepared.path, filesystem=prepared.fs).map_batches(
-        unpack_images, fn_args=(image_size,), batch_format="numpy"
-    )
+    root: rfs.Location
+    vocab: Vocabulary
+    classes: tuple[str, ...]
+    image: ImageOptions
+    text: TextOptions
+    stats: dict
+
+    @classmethod
+    def open(cls, root: rfs.Location) -> PreparedOutput:
+        settings = json.loads(rfs.read_text(root.join(CONFIG_FILE)))
+        return cls(
+            root,
+            Vocabulary.from_json(rfs.read_text(root.join(VOCAB_FILE))),
+            tuple(json.loads(rfs.read_text(root.join(CLASSES_FILE)))),
+            ImageOptions(**settings["image"]),
+            TextOptions.from_dict(settings["text"]),
+            json.loads(rfs.read_text(root.join(STATS_FILE))),
+        )
+
+    def differences(self, vocab: Vocabulary, classes: tuple[str, ...], image: ImageOptions, text: TextOptions) -> list[str]:
+        """How these rows differ from what a model made with the given settings expects (empty: they match)."""
+        found = []
+        if self.vocab != vocab:
+            found.append(f"another vocabulary ({len(self.vocab)} tokens here, {len(vocab)} expected)")
+        if self.classes != tuple(classes):
+            found.append(f"other classes ({list(self.classes)} here, {list(classes)} expected)")
+        for section, here, expected in (("image", asdict(self.image), asdict(image)), ("text", self.text.to_dict(), text.to_dict())):
+            found += [f"{section}.{k}={here.get(k)!r} (expected {v!r})" for k, v in expected.items() if here.get(k) != v]
+        return found
+
+    def rows(self):
+        """The prepared rows as a lazy Ray Dataset, images as uint8[S, S, 3] again."""
+        import ray.data
+
+        prepared = self.root.join(PREPARED_DIR)
+        return ray.data.read_parquet(prepared.path, filesystem=prepared.fs).map_batches(
+            unpack_images, fn_args=(self.image.size,), batch_format="numpy"
+        )
 
 
 def _for_parquet(table: pa.Table) -> pa.Table:

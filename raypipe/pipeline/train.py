@@ -27,16 +27,7 @@ from raypipe.io import fs as rfs
 from raypipe.metrics import summary
 from raypipe.model import FusionClassifier, ModelConfig
 from raypipe.pipeline.cluster import init_ray, say
-from raypipe.pipeline.prepare import (
-    CLASSES_FILE,
-    CONFIG_FILE,
-    STATS_FILE,
-    VOCAB_FILE,
-    build_vocab_and_classes,
-    plan_prepare,
-    prepared_dataset,
-    read_prepared,
-)
+from raypipe.pipeline.prepare import PreparedOutput, build_vocab_and_classes, plan_prepare, prepared_dataset
 from raypipe.transforms.image import ImageOptions
 from raypipe.transforms.split import TRAIN, VAL, rows_of_split
 from raypipe.transforms.text import TextOptions
@@ -81,23 +72,19 @@ def load_training_data(cfg: TrainConfig) -> TrainingData:
         train, val = _split_datasets(prepared_dataset(plan, vocab, classes))
         return TrainingData(train, val, vocab, classes, cfg.image.options(), cfg.text.options(), label_counts)
 
-    root = rfs.resolve(cfg.prepared, cfg.storage)
-    vocab = Vocabulary.from_json(rfs.read_text(root.join(VOCAB_FILE)))
-    classes = tuple(json.loads(rfs.read_text(root.join(CLASSES_FILE))))
-    prepare_cfg = json.loads(rfs.read_text(root.join(CONFIG_FILE)))
-    stats = json.loads(rfs.read_text(root.join(STATS_FILE)))
-    if not classes:
+    prepared = PreparedOutput.open(rfs.resolve(cfg.prepared, cfg.storage))
+    if not prepared.classes:
         raise TrainError(f"{cfg.prepared} has no classes (prepared with labels.source=none?); training needs labels")
-    image = ImageOptions(**prepare_cfg["image"])
-    text = TextOptions.from_dict(prepare_cfg["text"])
     init_ray(cfg.ray)
-    train, val = _split_datasets(read_prepared(root))
-    decoded_mib = stats.get("rows_ok", 0) * decoded_row_bytes(image, text) / 2**20
+    train, val = _split_datasets(prepared.rows())
+    decoded_mib = prepared.stats.get("rows_ok", 0) * decoded_row_bytes(prepared.image, prepared.text) / 2**20
     if cfg.scaling.cache_mib and decoded_mib <= cfg.scaling.cache_mib:
         log.info("caching the %.0f MiB of prepared rows in the object store (scaling.cache_mib=%d)",
                  decoded_mib, cfg.scaling.cache_mib)
         train, val = train.materialize(), val.materialize()
-    return TrainingData(train, val, vocab, classes, image, text, stats.get("ok_by_class", {}))
+    return TrainingData(
+        train, val, prepared.vocab, prepared.classes, prepared.image, prepared.text, prepared.stats.get("ok_by_class", {})
+    )
 
 
 def decoded_row_bytes(image: ImageOptions, text: TextOptions) -> int:
