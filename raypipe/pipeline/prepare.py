@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from raypipe import schema
 from raypipe.config import DEFAULT_SAMPLE_DIR, DataConfig, DataSections, PrepareConfig, dump_config
 from raypipe.io import fs as rfs
-from raypipe.io.readers import InputPlan, attach_sidecar, plan_inputs, read_pairs, read_sidecar
+from raypipe.io.readers import InputPlan, SidecarJoin, plan_inputs, read_pairs, read_sidecar
 from raypipe.pipeline.cluster import init_ray
 from raypipe.schema import Status
 from raypipe.transforms.image import ImageOptions, pixels_as_bytes, unpack_images
@@ -85,8 +85,7 @@ class PreparePlan:
 
     cfg: DataSections
     inputs: InputPlan
-    sidecar: pa.Table | None
-    sidecar_join: str | None
+    sidecar: SidecarJoin | None
     split: SplitRule
 
     def label_rule(self, classes: tuple[str, ...]) -> LabelRule | None:
@@ -96,7 +95,7 @@ class PreparePlan:
     def pairs(self, then: tuple = (), with_images: bool = True):
         """The normalized rows (with the label sidecar's columns), with the per-batch steps ``then``."""
         if self.sidecar is not None:
-            then = (partial(attach_sidecar, sidecar=self.sidecar, join_on=self.sidecar_join), *then)
+            then = (self.sidecar, *then)
         return read_pairs(self.inputs, self.cfg.data.limit, with_images, then, self.cfg.ray.batch_size)
 
 
@@ -110,11 +109,15 @@ def plan_prepare(cfg: DataSections) -> PreparePlan:
     elif sidecar_join != schema.KEY:
         shard_columns.append(sidecar_join)
     inputs = plan_inputs(cfg.data, cfg.storage, tuple(dict.fromkeys(shard_columns)))
-    sidecar = read_sidecar(cfg.labels.sidecar, cfg.storage, sidecar_join, label_inputs) if sidecar_join else None
+    sidecar = (
+        SidecarJoin(read_sidecar(cfg.labels.sidecar, cfg.storage, sidecar_join, label_inputs), sidecar_join)
+        if sidecar_join
+        else None
+    )
     if cfg.text.lemmatize:
         ensure_wordnet()
     log.info("reading %d %s file(s) from %s", len(inputs.files), inputs.format, ", ".join(cfg.data.input))
-    return PreparePlan(cfg, inputs, sidecar, sidecar_join, SplitRule(cfg.split.val_fraction, cfg.split.salt))
+    return PreparePlan(cfg, inputs, sidecar, SplitRule(cfg.split.val_fraction, cfg.split.salt))
 
 
 def build_vocab_and_classes(plan: PreparePlan) -> tuple[Vocabulary, tuple[str, ...], dict[str, int]]:

@@ -1,9 +1,12 @@
 import json
+import pickle
 
 import numpy as np
+import pyarrow as pa
 
 from raypipe import schema
 from raypipe.io.normalize import InputColumns, normalize_table, normalize_webdataset
+from raypipe.io.readers import SidecarJoin
 from raypipe.schema import Status
 
 
@@ -60,3 +63,17 @@ def test_status_columns_recover_from_ray_null_columns():
     schema.ensure_status_columns(batch)
     schema.mark_failed(batch, 0, Status.MISSING_IMAGE, "no bytes")
     assert batch[schema.ERROR_MESSAGE][0] == "no bytes"
+
+
+def test_sidecar_join_is_a_left_join_with_its_lookup_built_once_per_process():
+    sidecar = pa.table({"id": ["7", "8", "9"], "category": ["tomato", "lime", "sky"], "probs": [[0.9], [0.5], [0.7]]})
+    join = SidecarJoin(sidecar, "id")
+    batch = {schema.KEY: _obj(["a", "b", "c", "d"]), "id": _obj([9, None, 7, 12])}  # ints, as Parquet ids are
+    out = join(batch)
+    assert list(out["category"]) == ["sky", None, "tomato", None]
+    assert list(out["probs"][0]) == [0.7] and out["probs"][1] is None
+    shipped = pickle.loads(pickle.dumps(join))  # as each Ray task receives it
+    assert shipped.token == join.token and shipped._rows() is join._rows()
+    other = SidecarJoin(sidecar.slice(0, 1), "id")
+    assert list(other({"id": _obj(["7", "9"])})["category"]) == ["tomato", None]
+    assert join._rows() == {"7": 0, "8": 1, "9": 2}  # rebuilt after the other sidecar replaced it
