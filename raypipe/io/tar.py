@@ -79,7 +79,8 @@ def tar_members(stream, path: str, keep: Callable[[str], bool]) -> Iterator[tupl
         if checksum != _number(header[148:156]):
             raise InputError(f"{path}: damaged tar header at byte {offset} (checksum mismatch); re-copy or re-create the tar")
         kind, size = header[156], _number(header[124:136])
-        size = int(pax.get(b"size", size))
+        if kind not in (PAX_HEADER, GNU_LONG_NAME):  # a pax size applies to the member it precedes
+            size = int(pax.get(b"size", size))
         padded = -(-size // BLOCK) * BLOCK
         offset += BLOCK + padded
         if kind == PAX_HEADER:
