@@ -64,8 +64,8 @@ def _read_schemas(filesystem: pafs.FileSystem, files: list[str]) -> list[pa.Sche
 
 def _check_tars(filesystem: pafs.FileSystem, files: list[str]) -> None:
     """A tar has no footer to check, but a complete one is whole 512-byte blocks ending in two zero
-    blocks. Ray's reader fails on an empty or non-tar file, and reads a tar cut short up to the cut
-    without an error (the rest of its rows silently lost): all three are named here instead."""
+    blocks. An empty file, a non-tar or a tar cut short is named here, before any task runs, rather
+    than by the reader (``raypipe/io/tar.py``) mid-run."""
 
     def check(path: str) -> None:
         try:
@@ -158,8 +158,9 @@ def read_pairs(
     ``then`` (e.g. preprocessing) applied.
 
     ``then`` runs in the same ``map_batches`` call as the normalization (tars: right after the reader,
-    which normalizes): each file is read, normalized and preprocessed in one task. ``batch_size`` caps its rows per batch (None: one batch per read block,
-    which is also what lets Ray Data fuse the read itself into that task). With a ``limit``, ``then``
+    which normalizes): each file is read, normalized and preprocessed in one task. ``batch_size`` caps
+    its rows per batch (None: one batch per read block, which is also what lets Ray Data fuse the read
+    itself into that task). With a ``limit``, ``then``
     runs after the limit instead. ``with_images=False`` leaves the image bytes in storage (Parquet) or
     drops them while reading (tar), for passes that only need text and labels; ``image`` is then None
     everywhere."""
