@@ -81,3 +81,19 @@ def test_a_tar_cut_inside_a_member_fails_instead_of_losing_its_rows():
     data = _tar(MEMBERS)
     with pytest.raises(InputError, match=r"t.tar: ends inside '00000001.jpg'"):
         list(tar_members(io.BytesIO(data[:2048]), "t.tar", lambda name: True))
+
+
+def test_a_pax_size_record_overrides_the_header_field():
+    """The way tars hold members of 8 GiB and more: the ustar size field cannot, a pax record does."""
+    data = b"\xff\xd8" + bytes(range(256)) * 5
+    info = tarfile.TarInfo("00000001.jpg")
+    info.size, info.pax_headers = len(data), {"size": str(len(data))}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(data))
+    tar_bytes = bytearray(buffer.getvalue())
+    header = tar_bytes.index(b"00000001.jpg")  # the member's own header (the pax header's name differs)
+    tar_bytes[header + 124 : header + 136] = b"00000000000\0"  # size field: 0
+    tar_bytes[header + 148 : header + 156] = b" " * 8
+    tar_bytes[header + 148 : header + 155] = b"%06o\0" % sum(tar_bytes[header : header + 512])
+    assert list(tar_members(io.BytesIO(bytes(tar_bytes)), "t.tar", lambda name: True)) == [("00000001.jpg", data)]
