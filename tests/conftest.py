@@ -18,10 +18,12 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/imagekinds.py and friend
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # never probe for an instance profile
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-# Token authentication stays on (Ray's default); a client given an explicit cluster address must be
-# told, and Ray reads this when it is imported.
-os.environ["RAY_AUTH_MODE"] = "token"  # img2dataset's albumentations checks online otherwise
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset's albumentations checks online otherwise
+# Token authentication stays on (Ray's default), on a fresh machine too: the mode is set and a token
+# created (in this HOME, as a newcomer's first run would) before anything imports Ray or starts a cluster.
+from raypipe.pipeline.cluster import ensure_auth_token  # noqa: E402
+
+ensure_auth_token()
 
 
 def free_port() -> int:

@@ -4,11 +4,41 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import sys
+from pathlib import Path
 
 from raypipe.config import RayConfig
 
 log = logging.getLogger(__name__)
+
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+
+
+def default_token_path() -> Path:
+    """Where Ray looks for its token when neither RAY_AUTH_TOKEN nor RAY_AUTH_TOKEN_PATH is set."""
+    return Path.home() / ".ray" / "auth_token"
+
+
+def ensure_auth_token() -> None:
+    """Token authentication on, with a token to use, as `ray get-auth-token --generate` makes one.
+
+    A fresh machine has no ``~/.ray/auth_token``: ``ray.init()`` of a local cluster writes one itself,
+    but ``ray start --head`` and every client of an existing cluster fail with AuthenticationError.
+    A token given by RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH is used as it is. The new token is written
+    owner-only (it grants the right to run code on the cluster) and never printed. RAY_AUTH_MODE is set
+    to token unless the user chose a mode, which also keeps Ray from warning that it chose one."""
+    os.environ.setdefault(AUTH_MODE_ENV, "token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    path = default_token_path()
+    if path.is_file() and path.stat().st_size > 0:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))  # Ray's own generator: 256 random bits, hex
+    log.info("created a Ray authentication token in %s", path)
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -17,6 +47,7 @@ def init_ray(cfg: RayConfig) -> None:
     from ray.data.context import DEFAULT_OP_RESOURCE_RESERVATION_RATIO
 
     if not ray.is_initialized():
+        ensure_auth_token()
         address = cfg.address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, log_to_driver=True)
