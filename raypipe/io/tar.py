@@ -3,6 +3,8 @@
 A sample is a run of adjacent members that share a key: ``00/000123.jpg``, ``00/000123.txt`` and
 ``00/000123.json`` make the sample ``000123`` (the base name up to its first dot, as in the
 WebDataset spec). Members whose base name has no key (``._000123.jpg``, ``README``) are skipped.
+A key used again (after other samples, or with a suffix its sample already has) starts a new sample
+with that key: each becomes its own row, as a key used twice in a Parquet file does.
 
 Why not ``ray.data.read_webdataset``: img2dataset writes a pax header before every member, and
 Python's ``tarfile`` spends ~40 us parsing each header pair, ~125 us a sample, a quarter of the
@@ -114,27 +116,21 @@ def split_member_name(name: str) -> tuple[str | None, str]:
     return posixpath.join(directory, key), suffix
 
 
-def tar_samples(members: Iterator[tuple[str, bytes | None]], path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Adjacent members sharing a key -> (key, {suffix: bytes}). A key seen again after its run ended,
-    or a suffix twice in one sample, would split or merge samples: both stop the read, naming the tar."""
-    seen: set[str] = set()
-    current, files = None, {}
+def tar_samples(members: Iterator[tuple[str, bytes | None]]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Adjacent members sharing a key -> (key, {suffix: bytes}). A suffix the current sample already
+    has ends it, so ``a.jpg, a.jpg`` gives two samples ``a``, as ``a.jpg, b.jpg, a.txt`` does (one
+    with the image, one with the text): a merge would drop a member. Members read past (bytes None)
+    count too, so a read without images, or of keys only, finds the same samples."""
+    current, suffixes, files = None, set(), {}
     for name, data in members:
         prefix, suffix = split_member_name(name)
         if prefix is None:
             continue
-        if prefix != current:
+        if prefix != current or suffix in suffixes:
             if current is not None:
                 yield posixpath.basename(current), files
-            if prefix in seen:
-                raise InputError(
-                    f"{path}: the members of sample {prefix!r} are not adjacent (the key appears again after "
-                    "other samples); a sample's files must follow each other. Re-create the tar sorted by name."
-                )
-            seen.add(prefix)
-            current, files = prefix, {}
-        if suffix in files:
-            raise InputError(f"{path}: {name!r} appears twice in the tar; each sample holds one file per suffix")
+            current, suffixes, files = prefix, set(), {}
+        suffixes.add(suffix)
         if data is not None:
             files[suffix] = data
     if current is not None:
@@ -184,7 +180,7 @@ class WebDatasetPairs(FileBasedDatasource):
 
     def _read_stream(self, f, path: str) -> Iterator[pd.DataFrame]:
         samples = []
-        for sample in tar_samples(tar_members(f, path, self._keep), path):
+        for sample in tar_samples(tar_members(f, path, self._keep)):
             samples.append(sample)
             if len(samples) == SAMPLES_PER_BLOCK:
                 yield pd.DataFrame(normalize_webdataset(samples, path, self._columns))

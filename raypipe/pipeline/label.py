@@ -74,7 +74,7 @@ class InputFile:
 def _tar_keys(filesystem: pafs.FileSystem, path: str) -> list[str]:
     """Sample keys of a WebDataset tar, as the reader finds them (member bytes read past, not kept)."""
     with filesystem.open_input_stream(path) as stream:
-        return [key for key, _ in tar_samples(tar_members(stream, path, keep=lambda name: False), path)]
+        return [key for key, _ in tar_samples(tar_members(stream, path, keep=lambda name: False))]
 
 
 def _parallel(fn, items: list) -> list:
@@ -117,6 +117,7 @@ class OutputState:
     files: list[str] = field(default_factory=list)
     rows: int = 0
     readable: bool = True
+    duplicate_keys: int = 0  # rows whose key an earlier row has (set when the parts are read)
 
     def describe(self, expected: int) -> str:
         if not self.files:
@@ -138,12 +139,14 @@ def output_state(out: rfs.Location, name: str) -> OutputState:
 
 
 def _read_output(out: rfs.Location, state: OutputState) -> tuple[Counter, Counter]:
-    """Keys and statuses of an input's output parts, in one read per part."""
+    """Keys and statuses of an input's output parts, in one read per part (which also sets
+    ``state.duplicate_keys``)."""
     keys, statuses = Counter(), Counter()
     for path in state.files:
         table = pq.read_table(path, columns=[schema.KEY, schema.STATUS], filesystem=out.fs)
         keys.update(table.column(0).to_pylist())
         statuses.update(table.column(1).to_pylist())
+    state.duplicate_keys = sum(keys.values()) - len(keys)
     return keys, statuses
 
 
@@ -276,19 +279,24 @@ def labeled_dataset(plan: LabelPlan):
 
 def collect_summary(plan: LabelPlan) -> dict:
     """Counts read back from the output (so they match it), with each input's completeness; inputs
-    skipped as complete were verified at planning and only have their statuses counted."""
+    skipped as complete were verified at planning and only have their statuses counted. Duplicate
+    keys are counted in complete outputs only, whose keys are their input's: elsewhere a repeated key
+    may be a retried write rather than the input's."""
     by_status: Counter = Counter()
     complete, incomplete = [], []
+    duplicate_keys = 0
     skipped = {item.name for item in plan.skipped}
     checks = _parallel(lambda item: check_output(plan.inputs, plan.out, item, item.name in skipped), list(plan.files))
-    for item, (_, done, statuses) in zip(plan.files, checks):
+    for item, (state, done, statuses) in zip(plan.files, checks):
         (complete if done else incomplete).append(item)
         by_status.update(statuses)
+        duplicate_keys += state.duplicate_keys if done else 0
     return {
         "rows_in": sum(item.expected_rows for item in plan.files),
         "rows_out": sum(by_status.values()),
         "rows_labeled": by_status[Status.OK.value],
         "by_status": dict(by_status.most_common()),
+        "duplicate_keys": duplicate_keys,
         "files": {
             "total": len(plan.files),
             "labeled": len(plan.pending),
@@ -357,6 +365,9 @@ def summary_lines(summary: dict) -> list[str]:
         f"  rows in: {summary['rows_in']}, rows out: {summary['rows_out']}, labeled (ok): {summary['rows_labeled']}",
     ]
     lines += [f"  {status}: {count}" for status, count in summary["by_status"].items() if status != Status.OK.value]
+    if summary["duplicate_keys"]:
+        lines.append(f"  duplicate keys: {summary['duplicate_keys']} rows share their key with an earlier row of "
+                     "the same input file (not unique there); each was labeled on its own")
     if files["incomplete"]:
         lines.append(f"  INCOMPLETE: {', '.join(files['incomplete'][:5])}; run the same command again to finish")
     return lines

@@ -245,6 +245,10 @@ def test_summary_lines_name_what_is_incomplete():
         "rows_processed": 10, "elapsed_s": 2.0, "pairs_per_s": 5.0, "mode": "fusion", "model": "abc", "output": "/o",
         "files": {"total": 2, "labeled": 1, "skipped_complete": 1, "incomplete": ["/in/b.parquet"]},
         "rows_in": 20, "rows_out": 15, "rows_labeled": 12, "by_status": {"ok": 12, "missing_text": 3},
+        "duplicate_keys": 0,
     }
     text = "\n".join(summary_lines(summary))
     assert "missing_text: 3" in text and "INCOMPLETE: /in/b.parquet" in text and "5.0 pairs/s" in text
+    assert "duplicate keys" not in text
+    text = "\n".join(summary_lines(summary | {"duplicate_keys": 2}))
+    assert "duplicate keys: 2 rows share their key with an earlier row of the same input file" in text

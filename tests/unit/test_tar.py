@@ -50,23 +50,31 @@ def test_pax_headers_before_every_member_and_refused_members_are_read_past():
 
 
 def test_samples_group_adjacent_members_and_skip_hidden_files():
-    samples = list(tar_samples(tar_members(io.BytesIO(_tar(MEMBERS)), "t.tar", lambda name: True), "t.tar"))
+    samples = list(tar_samples(tar_members(io.BytesIO(_tar(MEMBERS)), "t.tar", lambda name: True)))
     assert [key for key, _ in samples] == ["00000001", "00000002"]
     assert samples[0][1] == {"jpg": MEMBERS[0][1], "txt": MEMBERS[1][1], "json": MEMBERS[2][1]}
     assert samples[1][1] == {"jpg": MEMBERS[3][1], "txt": b""}
 
 
 @pytest.mark.parametrize(
-    "members, problem",
+    "members, samples",
     [
-        ([("a.jpg", b"1"), ("b.jpg", b"2"), ("a.txt", b"3")], "members of sample 'a' are not adjacent"),
-        ([("a.jpg", b"1"), ("a.jpg", b"2")], "'a.jpg' appears twice"),
+        ([("a.jpg", b"1"), ("b.jpg", b"2"), ("a.txt", b"3")], [("a", ["jpg"]), ("b", ["jpg"]), ("a", ["txt"])]),
+        ([("a.jpg", b"1"), ("a.jpg", b"2")], [("a", ["jpg"]), ("a", ["jpg"])]),
+        ([("a.jpg", b"1"), ("a.txt", b"2"), ("a.jpg", b"3"), ("a.txt", b"4")], [("a", ["jpg", "txt"])] * 2),
+        ([("a.jpg", b"1"), ("a.txt", b"2"), ("a.txt", b"3")], [("a", ["jpg", "txt"]), ("a", ["txt"])]),
     ],
-    ids=["key split in two", "member twice"],
+    ids=["key split in two", "member twice", "sample twice", "suffix twice in a sample"],
 )
-def test_a_sample_that_would_be_split_or_merged_stops_the_read_naming_the_tar(members, problem):
-    with pytest.raises(InputError, match=f"s3://b/t.tar: .*{problem}"):
-        list(tar_samples(tar_members(io.BytesIO(_tar(members)), "s3://b/t.tar", lambda name: True), "s3://b/t.tar"))
+def test_a_key_used_again_starts_a_new_sample_with_that_key(members, samples):
+    """As a key used twice in a Parquet file gives two rows: no member is dropped or merged."""
+    data = _tar(members)
+    found = list(tar_samples(tar_members(io.BytesIO(data), "t.tar", lambda name: True)))
+    assert [(key, list(files)) for key, files in found] == samples
+    assert [body for _, files in found for body in files.values()] == [body for _, body in members]
+    # Reading past every member's bytes (label's count of a tar's keys) finds the same samples.
+    keys_only = list(tar_samples(tar_members(io.BytesIO(data), "t.tar", lambda name: False)))
+    assert [key for key, _ in keys_only] == [key for key, _ in samples]
 
 
 def test_a_damaged_header_is_named_with_its_offset():
