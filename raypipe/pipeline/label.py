@@ -11,7 +11,7 @@ Restartable by construction (planned on the driver, before Ray starts):
 * the expected row count of each input file comes from its Parquet footer (img2dataset tars: from
   the ``.parquet`` img2dataset writes beside each tar, which lists failed downloads too);
 * an input is *complete* when its output parts are all readable, hold exactly the expected number of
-  rows, and their keys are the input's keys, each exactly once;
+  rows, and their keys are the input's keys, each as often as the input has it;
 * complete inputs are skipped (unless ``overwrite=true``); the output of any other input is deleted
   and the input labeled again. Part names are unique per write (uuid), so a retried task never
   overwrites a part: it can only add one, which the completeness check then catches.
@@ -156,8 +156,8 @@ def check_output(
     """An input's output: its state, whether it is complete, and its rows per status.
 
     Complete = readable Parquet parts, the expected number of rows, and exactly the input's keys, each
-    once (not compared again when ``keys_verified``). Each part is read once, for keys and statuses
-    (statuses of an unreadable output are not counted)."""
+    as often as there (not compared again when ``keys_verified``). Each part is read once, for keys
+    and statuses (statuses of an unreadable output are not counted)."""
     state = output_state(out, item.name)
     if not state.files and item.expected_rows == 0:
         return state, True, Counter()  # an empty input: no part is written, and nothing is missing

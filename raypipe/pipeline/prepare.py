@@ -7,7 +7,7 @@ Output layout (at ``config.output``, any URL)::
                          error_message, passthrough columns
     vocab.json           the vocabulary counted on the training split (id 0 pad, 1 unknown)
     classes.json         the class list; a label id is a position in it
-    stats.json           rows in / ok / per error kind, in total and per input shard
+    stats.json           rows in / ok / per error kind, in total and per input shard; duplicate keys
     prepare_config.json  the resolved configuration (holds no credentials)
 
 Two passes: the first reads only what the vocabulary and class list need (text and labels; Parquet
@@ -241,9 +241,11 @@ def collect_stats(prepared: rfs.Location) -> dict:
     by_status, by_split, by_class = Counter(), Counter(), Counter()
     shards: dict[str, Counter] = defaultdict(Counter)
     examples: dict[str, list] = defaultdict(list)
+    keyed = []  # (key, source) of every row, as Arrow: a fraction of the memory of Python strings
     columns = [schema.KEY, schema.SOURCE, schema.STATUS, schema.ERROR_MESSAGE, schema.SPLIT, schema.LABEL]
     for path in files:
         for batch in pq.ParquetFile(path, filesystem=prepared.fs).iter_batches(columns=columns):
+            keyed.append(batch.select([schema.KEY, schema.SOURCE]))
             rows = batch.to_pydict()
             for key, source, status, message, split, label in zip(*(rows[c] for c in columns)):
                 by_status[status] += 1
@@ -260,11 +262,20 @@ def collect_stats(prepared: rfs.Location) -> dict:
         "ok_by_split": dict(sorted(by_split.items())),
         "ok_by_class": dict(sorted(by_class.items(), key=lambda kv: str(kv[0]))),
         "error_examples": dict(examples),
+        "duplicate_keys": _duplicate_keys(keyed),
         "shards": {
             source: {"rows": sum(c.values()), "ok": c[Status.OK.value], "by_status": dict(c)}
             for source, c in sorted(shards.items())
         },
     }
+
+
+def _duplicate_keys(keyed: list[pa.RecordBatch]) -> int:
+    """Rows whose key an earlier row of the same source has (a key used twice counts 1)."""
+    if not keyed:
+        return 0
+    rows = pa.Table.from_batches(keyed)
+    return rows.num_rows - rows.group_by([schema.SOURCE, schema.KEY]).aggregate([]).num_rows
 
 
 def summary_lines(stats: dict) -> list[str]:
@@ -278,4 +289,7 @@ def summary_lines(stats: dict) -> list[str]:
     lines += [f"  {status}: {count}" for status, count in errors.items()]
     for status, examples in stats["error_examples"].items():
         lines.append(f"  e.g. {status}: {examples[0]['key']} ({examples[0]['error_message']})")
+    if stats["duplicate_keys"]:
+        lines.append(f"  duplicate keys: {stats['duplicate_keys']} rows share their key with an earlier row of the same "
+                     "input file (not unique there); each was prepared on its own")
     return lines

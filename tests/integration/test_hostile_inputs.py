@@ -4,7 +4,7 @@ One shard per input format -- a plain Parquet table of pairs, an img2dataset Par
 img2dataset WebDataset tar with the metadata Parquet beside it -- holds good pairs of the built-in
 sample plus every image kind of tests/imagekinds.py, a null image, null / empty / whitespace /
 100 KB / digits / Korean / emoji / RTL / HTML / NUL texts, a failed download (img2dataset formats)
-and a key used twice (Parquet formats). Expected: one output row per input row with its key, the
+and a key used twice. Expected: one output row per input row with its key, the
 status and message the transforms give that row when called one at a time in this process, good rows
 prepared and predicted exactly as that plain loop does, and file-level problems named with the file.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -85,8 +84,7 @@ def hostile_pairs(fmt: str, good: Pair) -> list[Pair]:
     pairs += [Pair(f"text-{name}", good.image, text, good.label) for name, text in TEXTS.items()]
     if fmt != "parquet":
         pairs.append(Pair("failed-download", None, "an image img2dataset could not fetch", good.label, downloaded=False))
-    if fmt != "webdataset":  # (a tar cannot hold a key twice: see the test of unreadable tars)
-        pairs += [Pair("duplicate", good.image, "two rows share this key", good.label)] * 2
+    pairs += [Pair("duplicate", good.image, "two rows share this key", good.label)] * 2  # a tar: two samples
     return pairs
 
 
@@ -169,9 +167,10 @@ def assert_rows_accounted_for(out: pa.Table, pairs: list[Pair], labeling: bool, 
     assert Counter(r["key"] for r in rows) == Counter(p.key for p in pairs)
     want = {p.key: expected(p, normalizer, labeling) for p in pairs}
     got = {r["key"]: (r["status"], r["error_message"]) for r in rows}
-    for key, (status, message) in want.items():
-        assert got[key][0] == status, (key, got[key])
-        assert (got[key][1] is None) if status == "ok" else (message in got[key][1]), (key, got[key])
+    for row in rows:  # each row of a key used twice, too
+        status, message = want[row["key"]]
+        assert row["status"] == status, row["key"]
+        assert (row["error_message"] is None) if status == "ok" else (message in row["error_message"]), row["key"]
     assert all(r["source"].endswith(shard.name) for r in rows)  # each row names its file
     # Every image kind ends as the kinds' own table says (independent of the loop above).
     assert {k: got[f"image-{k}"][0] for k in kinds.ALL_KINDS} == kinds.EXPECTED_STATUS
@@ -216,7 +215,7 @@ def test_prepare_and_label_account_for_every_hostile_row(ray_cluster, good_pairs
     prepared = tmp_path / "prepared"
     stats = run_prepare(prepare_config(fmt, [shard, empty], prepared))
     rows = assert_rows_accounted_for(pq.read_table(prepared / "prepared"), pairs, labeling=False, shard=shard)
-    assert stats["input_files"] == 2 and stats["rows_in"] == len(pairs)
+    assert stats["input_files"] == 2 and stats["rows_in"] == len(pairs) and stats["duplicate_keys"] == 1
     assert stats["by_status"] == dict(Counter(expected(p, TextNormalizer(TEXT), False)[0] for p in pairs))
     # Usable rows hold exactly what the transforms give for them alone.
     vocab = Vocabulary.from_json((prepared / "vocab.json").read_text())
@@ -233,6 +232,7 @@ def test_prepare_and_label_account_for_every_hostile_row(ray_cluster, good_pairs
     labels = tmp_path / "labels"
     summary = run_label(label_config(fmt, [shard], bundle, labels))  # (the empty shard: see the last test)
     assert summary["complete"] and summary["rows_in"] == summary["rows_out"] == len(pairs)
+    assert summary["duplicate_keys"] == 1
     rows = assert_rows_accounted_for(read_output(str(labels)), pairs, labeling=True, shard=shard)
     assert summary["by_status"] == dict(Counter(r["status"] for r in rows))
     predicted = plain_loop(bundle, as_table(pairs))
@@ -285,12 +285,26 @@ def test_a_damaged_tar_is_named_before_anything_runs(good_pairs, some_bundle, tm
         run_label(label_config("webdataset", [good, bad], some_bundle, tmp_path / "labels"))
 
 
-def test_a_tar_holding_a_key_twice_fails_naming_the_tar(ray_cluster, good_pairs, tmp_path):
-    """Ray's WebDataset reader refuses a sample split in two; the error names the tar (mid-run: a tar
-    cannot be checked for this without reading it whole)."""
-    tar = write_shard("webdataset", [*good_pairs[:3], good_pairs[0]], tmp_path / "in")
-    with pytest.raises(Exception, match=re.escape(str(tar))):
-        run_prepare(prepare_config("webdataset", [tar], tmp_path / "prepared"))
+def test_a_key_twice_in_a_tar_costs_nothing_and_labels_as_in_parquet(ray_cluster, good_pairs, some_bundle, tmp_path):
+    """A key again after other samples is a second row with that key, in a tar with img2dataset's
+    metadata beside it and in one without (whose keys label counts itself), as in a Parquet shard."""
+    pairs = [*good_pairs, good_pairs[0]]  # the first key again, last: not adjacent
+    want = {p.key: expected(p, TextNormalizer(TEXT), labeling=True)[0] for p in pairs}  # ok unless no word
+    assert want[good_pairs[0].key] == "ok"
+    outputs = {}
+    for fmt, folder in (("parquet", "parquet"), ("webdataset", "tar"), ("webdataset", "bare-tar")):
+        shard = write_shard(fmt, pairs, tmp_path / folder)
+        if folder == "bare-tar":
+            shard.with_suffix(".parquet").unlink()
+        summary = run_label(label_config(fmt, [shard], some_bundle, tmp_path / f"{folder}-labels"))
+        assert summary["complete"] and summary["rows_in"] == summary["rows_out"] == len(pairs), folder
+        assert summary["duplicate_keys"] == 1, folder
+        rows = read_output(str(tmp_path / f"{folder}-labels")).to_pylist()
+        assert Counter(r["key"] for r in rows) == Counter(p.key for p in pairs), folder
+        assert [r["key"] for r in rows if r["status"] != want[r["key"]]] == [], folder
+        assert summary["by_status"] == dict(Counter(r["status"] for r in rows)), folder
+        outputs[folder] = Counter((r["key"], r["status"], r["label"]) for r in rows)
+    assert outputs["tar"] == outputs["bare-tar"] == outputs["parquet"]
 
 
 def test_label_counts_an_empty_shard_as_complete(ray_cluster, good_pairs, some_bundle, tmp_path):
