@@ -9,9 +9,9 @@ short names the file at once.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import pyarrow as pa
@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raypipe import schema
 from raypipe.config import DataConfig, StorageConfig
 from raypipe.io import fs as rfs
 from raypipe.io.errors import InputError
@@ -36,6 +37,8 @@ class InputPlan:
     columns: InputColumns
     # webdataset: img2dataset's per-shard .parquet, which also lists the failed downloads.
     metadata_files: tuple[str, ...] = ()
+    # The declared Arrow type of each extra (passthrough, label input) column: the input's own.
+    column_types: Mapping[str, pa.DataType] = field(default_factory=dict)
 
 
 def _is_binary(t: pa.DataType) -> bool:
@@ -117,12 +120,16 @@ def plan_inputs(data: DataConfig, storage: StorageConfig, extra_columns: tuple[s
         stems = [f[: -len(".tar")] for f in files]
         infos = filesystem.get_file_info([s + ".parquet" for s in stems])
         metadata = tuple(i.path for i in infos if i.type == pafs.FileType.File)
-        return InputPlan(fmt, filesystem, tuple(files), InputColumns(extra=extra_columns), metadata)
+        # A sample's .json holds its extra columns; img2dataset's .parquet beside the tar has their types.
+        known = _read_schemas(filesystem, list(metadata[:1]))
+        types = {c: known[0].field(c).type if known and c in known[0].names else pa.string() for c in extra_columns}
+        return InputPlan(fmt, filesystem, tuple(files), InputColumns(extra=extra_columns), metadata, types)
 
     if fmt == "img2dataset_parquet":
         columns = IMG2DATASET_COLUMNS.with_extra(extra_columns)
     else:
         columns = InputColumns(data.key_column, data.image_column, data.text_column, extra_columns)
+    types: dict[str, pa.DataType] = {}
     for path, file_schema in zip(files, _read_schemas(filesystem, files)):
         if data.format == "auto" and not {"key", "caption", "status"} <= set(file_schema.names):
             raise InputError(
@@ -130,7 +137,14 @@ def plan_inputs(data: DataConfig, storage: StorageConfig, extra_columns: tuple[s
                 "Set data.format=parquet and data.key_column / image_column / text_column."
             )
         _check_table_schema(path, file_schema, columns, config_hint=fmt == "parquet")
-    return InputPlan(fmt, filesystem, tuple(files), columns)
+        for column in extra_columns:
+            found = file_schema.field(column).type
+            if types.setdefault(column, found) != found and not pa.types.is_null(found):
+                raise InputError(
+                    f"{path}: column {column!r} has type {found}, but {files[0]} has {types[column]}; "
+                    "the files of one input must agree on each column's type"
+                )
+    return InputPlan(fmt, filesystem, tuple(files), columns, column_types=types)
 
 
 class BatchSteps:
@@ -138,13 +152,14 @@ class BatchSteps:
     Data builds an Arrow block even when it fuses them into one task, which for a column of JPEG bytes
     costs ~90 us a row (more than the normalization itself), so the steps of a read branch share one."""
 
-    def __init__(self, *steps: Callable[[dict], dict]):
+    def __init__(self, *steps: Callable[[dict], dict], passthrough: Mapping[str, pa.DataType]):
         self.steps = steps
+        self.passthrough = passthrough
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict) -> pa.Table:
         for step in self.steps:
             batch = step(batch)
-        return batch
+        return schema.to_arrow(batch, self.passthrough)
 
 
 def read_pairs(
@@ -153,9 +168,14 @@ def read_pairs(
     with_images: bool = True,
     then: tuple[Callable[[dict], dict], ...] = (),
     batch_size: int | None = None,
+    extra_types: Mapping[str, pa.DataType] | None = None,
 ):
     """The normalized pair rows of every input, as a lazy Ray Dataset, with the per-batch steps
     ``then`` (e.g. preprocessing) applied.
+
+    Every batch leaves as an Arrow table of declared types: raypipe's own columns as in
+    ``raypipe/schema.py``, the input's extra columns with the input's types (``plan.column_types``),
+    and columns a step adds beyond those (a label sidecar's) with ``extra_types``.
 
     ``then`` runs in the same ``map_batches`` call as the normalization (tars: right after the reader,
     which normalizes): each file is read, normalized and preprocessed in one task. ``batch_size`` caps
@@ -169,10 +189,13 @@ def read_pairs(
     from raypipe.io.tar import WebDatasetPairs
 
     fused = then if limit is None else ()
+    passthrough = {**plan.column_types, **(extra_types or {})}
 
     def normalized(ds, *steps):
         steps = (*steps, *fused)
-        return ds.map_batches(BatchSteps(*steps), batch_size=batch_size, batch_format="numpy") if steps else ds
+        if not steps:
+            return ds
+        return ds.map_batches(BatchSteps(*steps, passthrough=passthrough), batch_size=batch_size, batch_format="numpy")
 
     if plan.format == "webdataset":
         tars = WebDatasetPairs(list(plan.files), plan.filesystem, plan.columns, plan.metadata_files, with_images)
@@ -192,7 +215,9 @@ def read_pairs(
     if limit is None:
         return ds
     ds = ds.limit(limit)
-    return ds.map_batches(BatchSteps(*then), batch_size=batch_size, batch_format="numpy") if then else ds
+    if not then:
+        return ds
+    return ds.map_batches(BatchSteps(*then, passthrough=passthrough), batch_size=batch_size, batch_format="numpy")
 
 
 def read_sidecar(url: str, storage: StorageConfig, join_on: str, columns: tuple[str, ...]) -> pa.Table:
@@ -223,6 +248,11 @@ class SidecarJoin:
     def __init__(self, sidecar: pa.Table, join_on: str):
         self.sidecar, self.join_on = sidecar, join_on
         self.token = uuid.uuid4().hex  # names this sidecar in every process the join is pickled to
+
+    @property
+    def column_types(self) -> dict[str, pa.DataType]:
+        """The Arrow types of the columns the join adds."""
+        return {f.name: f.type for f in self.sidecar.schema if f.name != self.join_on}
 
     def _rows(self) -> dict[str, int]:
         rows = _SIDECAR_ROWS.get(self.token)

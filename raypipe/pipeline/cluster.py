@@ -6,6 +6,7 @@ import logging
 import os
 import secrets
 import sys
+import time
 from pathlib import Path
 
 from raypipe.config import RayConfig
@@ -13,6 +14,7 @@ from raypipe.config import RayConfig
 log = logging.getLogger(__name__)
 
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def default_token_path() -> Path:
@@ -27,8 +29,14 @@ def ensure_auth_token() -> None:
     but ``ray start --head`` and every client of an existing cluster fail with AuthenticationError.
     A token given by RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH is used as it is. The new token is written
     owner-only (it grants the right to run code on the cluster) and never printed. RAY_AUTH_MODE is set
-    to token unless the user chose a mode, which also keeps Ray from warning that it chose one."""
-    os.environ.setdefault(AUTH_MODE_ENV, "token")
+    to token unless the user chose a mode, which also keeps Ray from warning that it chose one (the
+    refresh of Ray's cached setting is what Ray 2.60's own ``_enable_token_auth`` does)."""
+    if AUTH_MODE_ENV not in os.environ:
+        os.environ[AUTH_MODE_ENV] = "token"
+        if "ray" in sys.modules:  # Ray read the mode when it was imported: refresh it, as Ray itself does
+            from ray._raylet import Config
+
+            Config.initialize("")
     if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
         return
     path = default_token_path()
@@ -52,8 +60,13 @@ def init_ray(cfg: RayConfig) -> None:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            # A local cluster: no dashboard (one process less on small machines).
-            ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
+            # A local cluster is one machine, which nothing preempts: Ray Train's preemption watcher has
+            # nothing to watch (and its start logs an error about its own restart policy). The cluster's
+            # processes inherit this environment.
+            os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+            # With the dashboard, which serves the State API: Ray Train's placement-group cleaner asks it
+            # every second whether the trainer is alive, and warns each time it cannot.
+            ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
         resources = ray.cluster_resources()
         log.info("Ray cluster: %s CPUs, %s GPUs", resources.get("CPU", 0), resources.get("GPU", 0))
     ctx = DataContext.get_current()
@@ -72,6 +85,23 @@ def init_ray(cfg: RayConfig) -> None:
     ctx.execution_options.resource_limits = limits.copy(
         object_store_memory=cfg.object_store_mib << 20 if budget else float("inf")
     )
+
+
+def wait_for_free_cpus(timeout_s: float = 10.0) -> None:
+    """Waits (up to ``timeout_s``) until the cluster's resource view shows a free CPU.
+
+    The view learns that a finished dataset's tasks released their CPUs a moment after they end. A
+    dataset run in that moment (any execution, even of a materialized dataset) warns that the cluster
+    has no available CPUs and "will hang unless more CPUs are freed up", which is false. Call this
+    after a driver-side execution that another follows. A cluster without CPUs of its own (nodes still
+    to be started by the autoscaler) is not waited for: there the warning is true."""
+    import ray
+
+    if not ray.cluster_resources().get("CPU"):
+        return
+    deadline = time.monotonic() + timeout_s
+    while not ray.available_resources().get("CPU") and time.monotonic() < deadline:
+        time.sleep(0.05)  # a poll of the resource view, bounded by the deadline
 
 
 def say(line: str) -> None:

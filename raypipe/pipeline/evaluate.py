@@ -68,6 +68,11 @@ def predictor_compute(predict: PredictSection, cluster: dict, cpus_per_actor: fl
     }
 
 
+# What evaluation reads of a prepared row: the model inputs, the truth, and what selects and counts rows.
+EVALUATE_COLUMNS = [schema.KEY, schema.IMAGE, schema.TOKENS, schema.LABEL_ID, schema.SPLIT, schema.STATUS,
+                    schema.ERROR_MESSAGE]
+
+
 def _rows_to_evaluate(cfg: EvaluateConfig, bundle):
     if cfg.prepared is not None:
         prepared = PreparedOutput.open(rfs.resolve(cfg.prepared, cfg.storage))
@@ -79,7 +84,7 @@ def _rows_to_evaluate(cfg: EvaluateConfig, bundle):
                 "bundle's own settings"
             )
         init_ray(cfg.ray)
-        return prepared.rows()
+        return prepared.rows(EVALUATE_COLUMNS)
     sections = DataSections(
         data=cfg.data,
         labels=cfg.labels.model_copy(update={"classes": list(bundle.classes)}),
@@ -91,7 +96,7 @@ def _rows_to_evaluate(cfg: EvaluateConfig, bundle):
     )
     plan = plan_prepare(sections)
     init_ray(cfg.ray)
-    return prepared_dataset(plan, bundle.vocab, bundle.classes)
+    return prepared_dataset(plan, bundle.vocab, bundle.classes).select_columns(EVALUATE_COLUMNS)
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
@@ -101,7 +106,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     output = rfs.resolve_output(cfg.output or f"{cfg.bundle.rstrip('/')}/evaluation", cfg.storage)
     rows = _rows_to_evaluate(cfg, bundle)
     if cfg.which_split != "all":
-        rows = rows.map_batches(rows_of_split, fn_args=(cfg.which_split,), batch_format="numpy")
+        rows = rows.map_batches(schema.Typed(rows_of_split), fn_args=(cfg.which_split,), batch_format="numpy")
     predictions = rows.map_batches(
         BundlePredictor,
         fn_constructor_args=(cfg.bundle, cfg.storage, cfg.predict.top_k),

@@ -185,13 +185,6 @@ class LabelPlan:
     out_schema: pa.Schema
 
 
-def _passthrough_types(plan: InputPlan, keep: list[str]) -> dict[str, pa.DataType | None]:
-    if not keep:
-        return {}
-    if plan.format == "webdataset":  # from each sample's .json: types are whatever the data holds
-        return {name: None for name in keep}
-    file_schema = pq.read_schema(plan.files[0], filesystem=plan.filesystem)
-    return {name: file_schema.field(name).type for name in keep}
 
 
 def _check_job_file(cfg: LabelJobConfig, out: rfs.Location, bundle: Bundle) -> None:
@@ -227,7 +220,7 @@ def plan_label(cfg: LabelJobConfig) -> LabelPlan:
         if state.files:
             log.info("%s: relabeling (found %s)", item.path, state.describe(item.expected_rows))
         pending.append(item)
-    out_schema = output_schema(_passthrough_types(inputs, list(dict.fromkeys(cfg.data.keep_columns))), cfg.explain)
+    out_schema = output_schema({c: inputs.column_types[c] for c in dict.fromkeys(cfg.data.keep_columns)}, cfg.explain)
     return LabelPlan(cfg, bundle, inputs, tuple(files), tuple(pending), tuple(skipped), out, out_schema)
 
 
@@ -261,7 +254,8 @@ def labeled_dataset(plan: LabelPlan):
         .map_batches(
             predict.BundlePredictor,
             fn_constructor_args=(cfg.bundle, cfg.storage, cfg.predict.top_k, None,
-                                 cfg.explain_words if cfg.explain else 0),
+                                 cfg.explain_words if cfg.explain else 0,
+                                 {c: plan.inputs.column_types[c] for c in cfg.data.keep_columns}),
             batch_size=cfg.predict.batch_size,
             batch_format="numpy",
             **compute,

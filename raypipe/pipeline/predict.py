@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -21,14 +23,22 @@ CPU_CHUNK_ROWS = 32
 
 class BundlePredictor:
     """Prepared rows in; out, the same rows without the model inputs (image, tokens) and with
-    predictions, as an Arrow table with explicit types. Rows whose status is not ok never reach the
+    predictions, as an Arrow table of the declared types (``schema.to_arrow``). Rows whose status is not ok never reach the
     model and get null predictions."""
 
     def __init__(
-        self, bundle_url: str, storage: StorageConfig, top_k: int = 3, device: str | None = None, explain_words: int = 0
+        self,
+        bundle_url: str,
+        storage: StorageConfig,
+        top_k: int = 3,
+        device: str | None = None,
+        explain_words: int = 0,
+        passthrough: Mapping[str, pa.DataType] | None = None,
     ):
         """``explain_words`` > 0 adds, for models that read text, the words the attention weighted most
-        (vocabulary tokens, ``<unk>`` for words outside it) and their weights, most weighted first."""
+        (vocabulary tokens, ``<unk>`` for words outside it) and their weights, most weighted first.
+        ``passthrough``: the Arrow types of the input columns the rows carry beside raypipe's own."""
+        self.passthrough = dict(passthrough or {})
         self.bundle = load_bundle(bundle_url, storage)
         self.explain_words = explain_words if self.bundle.model_config.mode in ("fusion", "text") else 0
         self.vocab_tokens = self.bundle.vocab.tokens
@@ -56,29 +66,22 @@ class BundlePredictor:
             top_ids, top_scores = ids.cpu().numpy(), scores.cpu().numpy()
         rows = iter(range(len(top_ids)))
         which = [next(rows) if is_ok else None for is_ok in ok]  # prediction row of each input row
-        columns = {
-            name: pa.array(list(values)) if values.dtype == object else pa.array(values)
-            for name, values in batch.items()
-            if name not in (schema.IMAGE, schema.TOKENS)
-        }
-        columns[PREDICTED_ID] = pa.array([None if r is None else int(top_ids[r, 0]) for r in which], pa.int64())
-        columns[PREDICTED] = pa.array([None if r is None else self.classes[top_ids[r, 0]] for r in which], pa.string())
-        columns[CONFIDENCE] = pa.array([None if r is None else float(top_scores[r, 0]) for r in which], pa.float32())
-        columns[TOP_K_LABELS] = pa.array(
-            [None if r is None else [self.classes[i] for i in top_ids[r]] for r in which], pa.list_(pa.string())
-        )
-        columns[TOP_K_SCORES] = pa.array(
-            [None if r is None else top_scores[r].tolist() for r in which], pa.list_(pa.float32())
-        )
+
+        def per_row(value_of_prediction) -> np.ndarray:  # None for rows without a prediction
+            out = np.empty(n, dtype=object)
+            out[:] = [None if r is None else value_of_prediction(r) for r in which]
+            return out
+
+        columns = {name: values for name, values in batch.items() if name not in (schema.IMAGE, schema.TOKENS)}
+        columns[PREDICTED_ID] = per_row(lambda r: int(top_ids[r, 0]))
+        columns[PREDICTED] = per_row(lambda r: self.classes[top_ids[r, 0]])
+        columns[CONFIDENCE] = per_row(lambda r: float(top_scores[r, 0]))
+        columns[TOP_K_LABELS] = per_row(lambda r: [self.classes[i] for i in top_ids[r]])
+        columns[TOP_K_SCORES] = per_row(lambda r: top_scores[r].tolist())
         if self.explain_words:
-            columns[ATTENTION_WORDS] = pa.array(
-                [None if r is None else explained[r][0] for r in which], pa.list_(pa.string())
-            )
-            columns[ATTENTION_WEIGHTS] = pa.array(
-                [None if r is None else explained[r][1] for r in which], pa.list_(pa.float32())
-            )
-        assert all(len(c) == n for c in columns.values())
-        return pa.table(columns)
+            columns[ATTENTION_WORDS] = per_row(lambda r: explained[r][0])
+            columns[ATTENTION_WEIGHTS] = per_row(lambda r: explained[r][1])
+        return schema.to_arrow(columns, self.passthrough)
 
     def _forward(self, image: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits [B, num_classes] and attention [B, L] (None for an image model) of a whole batch."""

@@ -32,7 +32,7 @@ from raypipe import schema
 from raypipe.config import DEFAULT_SAMPLE_DIR, DataConfig, DataSections, PrepareConfig, dump_config
 from raypipe.io import fs as rfs
 from raypipe.io.readers import InputPlan, SidecarJoin, plan_inputs, read_pairs, read_sidecar
-from raypipe.pipeline.cluster import init_ray
+from raypipe.pipeline.cluster import init_ray, wait_for_free_cpus
 from raypipe.schema import Status
 from raypipe.transforms.image import ImageOptions, pixels_as_bytes, unpack_images
 from raypipe.transforms.labels import COYO_LABELS, COYO_PROBS, LabelRule
@@ -94,9 +94,10 @@ class PreparePlan:
 
     def pairs(self, then: tuple = (), with_images: bool = True):
         """The normalized rows (with the label sidecar's columns), with the per-batch steps ``then``."""
+        added = {}
         if self.sidecar is not None:
-            then = (self.sidecar, *then)
-        return read_pairs(self.inputs, self.cfg.data.limit, with_images, then, self.cfg.ray.batch_size)
+            then, added = (self.sidecar, *then), self.sidecar.column_types
+        return read_pairs(self.inputs, self.cfg.data.limit, with_images, then, self.cfg.ray.batch_size, added)
 
 
 def plan_prepare(cfg: DataSections) -> PreparePlan:
@@ -135,6 +136,7 @@ def build_vocab_and_classes(plan: PreparePlan) -> tuple[Vocabulary, tuple[str, .
     for batch in counts.iter_batches(batch_format="numpy", batch_size=None):
         for kind, name, count in zip(batch["kind"], batch["name"], batch["count"]):
             (tokens if kind == TOKEN else labels)[name] += int(count)
+    wait_for_free_cpus()  # pass 2 starts right away
     classes = configured or tuple(sorted(labels))
     if cfg.labels.source != "none" and not classes:
         raise PrepareError(f"no labels found in column {cfg.labels.column!r} of {cfg.data.input}")
@@ -186,13 +188,14 @@ class PreparedOutput:
             found += [f"{section}.{k}={here.get(k)!r} (expected {v!r})" for k, v in expected.items() if here.get(k) != v]
         return found
 
-    def rows(self):
-        """The prepared rows as a lazy Ray Dataset, images as uint8[S, S, 3] again."""
+    def rows(self, columns: list[str]):
+        """The prepared rows' ``columns`` (raypipe's own) as a lazy Ray Dataset, images as uint8[S, S, 3]
+        again."""
         import ray.data
 
         prepared = self.root.join(PREPARED_DIR)
-        return ray.data.read_parquet(prepared.path, filesystem=prepared.fs).map_batches(
-            unpack_images, fn_args=(self.image.size,), batch_format="numpy"
+        return ray.data.read_parquet(prepared.path, filesystem=prepared.fs, columns=columns).map_batches(
+            schema.Typed(unpack_images), fn_args=(self.image.size,), batch_format="numpy"
         )
 
 

@@ -26,7 +26,7 @@ from raypipe.config import ScalingSection, TrainConfig, dump_config
 from raypipe.io import fs as rfs
 from raypipe.metrics import summary
 from raypipe.model import FusionClassifier, ModelConfig
-from raypipe.pipeline.cluster import init_ray, say
+from raypipe.pipeline.cluster import init_ray, say, wait_for_free_cpus
 from raypipe.pipeline.prepare import PreparedOutput, build_vocab_and_classes, plan_prepare, prepared_dataset
 from raypipe.transforms.image import ImageOptions
 from raypipe.transforms.split import TRAIN, VAL, rows_of_split
@@ -56,10 +56,14 @@ class TrainingData:
     class_counts: dict[str, int]
 
 
+SPLIT_INPUT_COLUMNS = [*MODEL_COLUMNS, schema.STATUS, schema.SPLIT]
+
+
 def _split_datasets(ds) -> tuple[object, object]:
-    ds = ds.select_columns([*MODEL_COLUMNS, schema.STATUS, schema.SPLIT])
+    ds = ds.select_columns(SPLIT_INPUT_COLUMNS)
     return tuple(
-        ds.map_batches(rows_of_split, fn_args=(s, True, MODEL_COLUMNS), batch_format="numpy") for s in (TRAIN, VAL)
+        ds.map_batches(schema.Typed(rows_of_split), fn_args=(s, True, MODEL_COLUMNS), batch_format="numpy")
+        for s in (TRAIN, VAL)
     )
 
 
@@ -76,15 +80,26 @@ def load_training_data(cfg: TrainConfig) -> TrainingData:
     if not prepared.classes:
         raise TrainError(f"{cfg.prepared} has no classes (prepared with labels.source=none?); training needs labels")
     init_ray(cfg.ray)
-    train, val = _split_datasets(prepared.rows())
+    train, val = _split_datasets(prepared.rows(SPLIT_INPUT_COLUMNS))
     decoded_mib = prepared.stats.get("rows_ok", 0) * decoded_row_bytes(prepared.image, prepared.text) / 2**20
     if cfg.scaling.cache_mib and decoded_mib <= cfg.scaling.cache_mib:
         log.info("caching the %.0f MiB of prepared rows in the object store (scaling.cache_mib=%d)",
                  decoded_mib, cfg.scaling.cache_mib)
-        train, val = train.materialize(), val.materialize()
+        train, val = cached(train), cached(val)
     return TrainingData(
         train, val, prepared.vocab, prepared.classes, prepared.image, prepared.text, prepared.stats.get("ok_by_class", {})
     )
+
+
+def cached(ds):
+    """The dataset's blocks computed once and kept in the object store, as ``Dataset.materialize()``
+    does, but executed once: materialize runs a second, empty execution right after the first, and
+    that one checks for free CPUs before Ray's resource view has seen the first release them (then
+    warns, falsely, that the job will hang)."""
+    import ray.data
+
+    wait_for_free_cpus()
+    return ray.data.from_arrow_refs(ds.to_arrow_refs())
 
 
 def decoded_row_bytes(image: ImageOptions, text: TextOptions) -> int:
@@ -313,6 +328,21 @@ def _run_storage(cfg: TrainConfig) -> tuple[str, object]:
     return loc.path, loc.fs
 
 
+def ingest_config(data: TrainingData):
+    """How the workers read their shards each epoch: with the job's resource limits (given here, as
+    Ray Train's default options pass a deprecated field and warn), and one progress bar per dataset
+    and epoch, without a bar per operator (the epoch line reports the training itself)."""
+    import ray.train
+    from ray.data import DataContext, ExecutionOptions
+
+    for ds in (data.train, data.val):
+        ds.context.enable_operator_progress_bars = False
+    current = DataContext.get_current().execution_options
+    return ray.train.DataConfig(
+        execution_options=ExecutionOptions(resource_limits=current.resource_limits, verbose_progress=False)
+    )
+
+
 def run_train(cfg: TrainConfig) -> dict:
     """Trains (or resumes) the run and writes the bundle of its best epoch; returns a summary."""
     import ray
@@ -356,6 +386,7 @@ def run_train(cfg: TrainConfig) -> dict:
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
         ),
         datasets={"train": data.train, "val": data.val},
+        dataset_config=ingest_config(data),
     )
     log.info(
         "training %s on %d worker(s) x %s, %d classes, vocabulary %d",
