@@ -11,7 +11,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from raypipe.config import ConfigError, load_config
+from raypipe.config import ConfigError, load_config, mask_url_credentials, shown_name
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -32,7 +32,10 @@ def parse_job_config(model: type[C], argv: list[str] | None, description: str) -
     )
     parser.add_argument("--config", help="YAML file with the job's configuration (jobs/configs/*.yaml).")
     parser.add_argument("overrides", nargs="*", help="section.field=value pairs applied after the YAML file.")
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse's own message would echo them whole, values (maybe secrets) included
+        shown = " ".join(map(shown_name, unknown))
+        parser.error(f"unrecognized arguments: {shown} (overrides are section.field=value, no dashes)")
     return load_config(model, args.config, args.overrides)
 
 
@@ -61,5 +64,6 @@ def run_job(main: Callable[[], object]) -> None:
         error = user_error(e)
         if error is None:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        # A message may quote a URL from the data (an image or manifest URL), with credentials in it.
+        print(f"error: {mask_url_credentials(str(error))}", file=sys.stderr)
         sys.exit(2)

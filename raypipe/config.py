@@ -2,7 +2,11 @@
 
 Every field has a description (docs/configuration.md is generated from them). Unknown keys and bad
 values are rejected before Ray starts, with the field's dotted name and what is allowed.
-Credentials are never part of a config: they come from the environment or the instance profile.
+
+Secrets: a URL holding credentials (``scheme://user:password@host``) is refused in every field, and
+errors never echo a secret. Object-store credentials come from the environment, the AWS credential file
+or the instance profile, or from the ``SecretStr`` fields of ``storage``, which print and dump as
+``**********``.
 """
 
 from __future__ import annotations
@@ -10,11 +14,11 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from raypipe.transforms.image import ImageOptions
 from raypipe.transforms.text import TextOptions
@@ -26,12 +30,44 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message says which field and what to do."""
 
 
+# The userinfo of a URL (scheme://user:password@host): up to the last "@" before the path, or, since a
+# password may hold "/" (AWS secret keys do), up to an "@" after "user:" unless that ":" starts a port
+# ("host:9000/a@b").
+_URL_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)(?:[^/?#\s]*@|[^/?#:@\s]*:(?!\d*(?:[/?#\s]|$))[^@\s]*@)")
+
+CREDENTIALS_BELONG = (
+    "credentials belong in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN), "
+    "the credential file (~/.aws/credentials, AWS_PROFILE) or storage.access_key_id / "
+    "storage.secret_access_key / storage.session_token, which are never printed or written"
+)
+
+
+def mask_url_credentials(text: str) -> str:
+    """``text`` with the user name and password of every URL in it replaced by ``***``."""
+    return _URL_USERINFO.sub(r"\1***@", text)
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    @field_validator("*")
+    @classmethod
+    def _no_credentials_in_urls(cls, value: Any) -> Any:
+        # Every text field, not only the URL ones: a config is printed and saved with the outputs.
+        texts = value if isinstance(value, list) else [value]
+        if any(isinstance(text, str) and _URL_USERINFO.search(text) for text in texts):
+            raise ValueError(f"a URL must not hold a user name or password: {CREDENTIALS_BELONG}")
+        return value
 
 
 def _as_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
+
+
+SECRET_FIELD_NOTE = (
+    "Never printed or written (configs show it masked); give it in a --config file only you can read, not on "
+    "the command line, which other users of the machine can see."
+)
 
 
 class StorageConfig(Section):
@@ -45,19 +81,48 @@ class StorageConfig(Section):
     connect_timeout_s: float = Field(5.0, gt=0, description="Seconds to wait for a connection to the object store.")
     request_timeout_s: float = Field(60.0, gt=0, description="Seconds to wait for one object-store request.")
     retries: int = Field(5, ge=0, le=20, description="Retries of a failed object-store request (with backoff).")
+    access_key_id: SecretStr | None = Field(
+        None,
+        description="S3 access key id, set together with secret_access_key. Prefer the environment "
+        f"(AWS_ACCESS_KEY_ID) or the credential file (~/.aws/credentials). {SECRET_FIELD_NOTE}",
+    )
+    secret_access_key: SecretStr | None = Field(
+        None,
+        description="S3 secret access key, set together with access_key_id. Prefer the environment "
+        f"(AWS_SECRET_ACCESS_KEY) or the credential file (~/.aws/credentials). {SECRET_FIELD_NOTE}",
+    )
+    session_token: SecretStr | None = Field(
+        None,
+        description="Session token of temporary S3 credentials (with the two keys). Prefer the environment "
+        f"(AWS_SESSION_TOKEN) or the credential file (~/.aws/credentials). {SECRET_FIELD_NOTE}",
+    )
 
     @field_validator("endpoint_url")
     @classmethod
-    def _no_credentials_in_url(cls, url: str | None) -> str | None:
+    def _is_http_endpoint(cls, url: str | None) -> str | None:
         if url is None:
             return None
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"must look like http(s)://host[:port], got {url!r}")
-        if parts.username or parts.password:
-            # Keeping secrets out of configs keeps them out of logs, stats and bundles.
-            raise ValueError("must not contain credentials; use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+            raise ValueError("must look like http(s)://host[:port]")
         return url
+
+    @model_validator(mode="after")
+    def _whole_credentials(self) -> StorageConfig:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("access_key_id and secret_access_key are set together")
+        if self.session_token is not None and self.access_key_id is None:
+            raise ValueError("session_token needs access_key_id and secret_access_key")
+        if self.anonymous and self.access_key_id is not None:
+            raise ValueError("anonymous=true sends no credentials; unset access_key_id and secret_access_key")
+        return self
+
+
+def _holds_secret(annotation: Any) -> bool:
+    return SecretStr in (annotation, *get_args(annotation))
+
+
+SECRET_FIELDS = frozenset(name for name, field in StorageConfig.model_fields.items() if _holds_secret(field.annotation))
 
 
 class DataConfig(Section):
@@ -491,16 +556,42 @@ class EvaluateConfig(ReadSections):
 C = TypeVar("C", bound=BaseModel)
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What YAML found wrong and where, without the text around it (which may hold a secret)."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None or problem is None:
+        return type(err).__name__
+    # PyYAML quotes the offending token (an alias name, a character) in the problem text.
+    problem = re.sub(r"'[^']*'", "'...'", problem)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+
+
+def shown_name(item: str) -> str:
+    """The part of a command-line item that can be a name, for an error: what follows may be a value, and a
+    value may be secret."""
+    name = re.match(r"[^=:@\s]*", item).group()
+    return name if name == item else f"{name}..."
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """``a.b=value`` -> (["a", "b"], value); the value is read as YAML (3, true, [x, y], s3://...)."""
+    """``a.b=value`` -> (["a", "b"], value); the value is read as YAML (3, true, [x, y], s3://...), but a
+    secret field's as the text it is."""
     name, sep, raw = item.partition("=")
     if not sep or not name.strip():
-        raise ConfigError(f"override {item!r} must look like section.field=value, e.g. data.input=s3://bucket/shards")
-    value = yaml.safe_load(raw) if raw.strip() else None
+        raise ConfigError(
+            f"override {shown_name(item)!r} must look like section.field=value, e.g. data.input=s3://bucket/shards"
+        )
+    path = name.strip().split(".")
+    if not raw.strip():
+        return path, None
+    if path[-1] in SECRET_FIELDS:
+        return path, raw.strip()
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {name.strip()}: the value is not valid YAML ({_yaml_problem(e)})") from None
     # YAML reads "s3://b/x" fine but "a:b" style scalars can become dicts; keep such values as text.
-    if isinstance(value, dict):
-        value = raw
-    return name.strip().split("."), value
+    return path, raw if isinstance(value, dict) else value
 
 
 def _set_dotted(tree: dict, path: list[str], value: Any) -> None:
@@ -513,15 +604,30 @@ def _set_dotted(tree: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str]:
-    """The field names allowed at the section that holds ``loc`` (for 'did you mean')."""
+def _section_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The section (model) that holds the field at ``loc``; None when ``loc`` is inside a plain value."""
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
+            return None
         model = annotation
-    return list(model.model_fields)
+    return model
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names allowed at the section that holds ``loc`` (for 'did you mean')."""
+    section = _section_at(model, loc)
+    return list(section.model_fields) if section else []
+
+
+def _shown_input(model: type[BaseModel], loc: tuple, value: Any) -> str:
+    """The rejected value, for an error: plain values only (a section's may hold a secret field), never a
+    secret field's."""
+    section = _section_at(model, loc) if loc else None
+    field = section.model_fields.get(str(loc[-1])) if section else None
+    plain = all(isinstance(v, str | int | float | bool | None) for v in (value if isinstance(value, list) else [value]))
+    return f" (got {value!r})" if plain and not (field and _holds_secret(field.annotation)) else ""
 
 
 def _describe(model: type[BaseModel], err: ValidationError, origin: str) -> str:
@@ -536,8 +642,8 @@ def _describe(model: type[BaseModel], err: ValidationError, origin: str) -> str:
                 + f"; allowed here: {', '.join(allowed)}"
             )
         else:
-            lines.append(f"  {dotted}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+            lines.append(f"  {dotted}: {e['msg']}{_shown_input(model, e['loc'], e.get('input'))}")
+    return mask_url_credentials("\n".join(lines))
 
 
 def load_config(model: type[C], yaml_path: str | Path | None = None, overrides: list[str] = ()) -> C:
@@ -548,8 +654,10 @@ def load_config(model: type[C], yaml_path: str | Path | None = None, overrides: 
         path = Path(yaml_path)
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
+        except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"cannot read config file {path}: not valid YAML ({_yaml_problem(e)})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
         tree, origin = loaded, str(path)
@@ -564,7 +672,8 @@ def load_config(model: type[C], yaml_path: str | Path | None = None, overrides: 
 
 
 def dump_config(config: BaseModel) -> dict:
-    """The resolved config as plain data, for provenance files (holds no credentials by construction)."""
+    """The resolved config as plain data, for provenance files: secret fields show as ``**********``
+    (pydantic's JSON form of SecretStr), URLs cannot hold credentials."""
     return config.model_dump(mode="json")
 
 

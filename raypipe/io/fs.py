@@ -13,6 +13,9 @@ Object-store faults (see docs/reliability.md):
   default 5), so an outage of a few seconds is ridden out and an endpoint that is down for good fails
   within seconds, naming the URL, instead of after the SDK's slower retries of every request;
 * a bucket that does not exist is named as such (inputs, and outputs via ``resolve_output``).
+
+Credentials: ``storage.access_key_id`` / ``secret_access_key`` / ``session_token`` when set, else the
+AWS SDK's own chain (environment, ~/.aws, instance profile).
 """
 
 from __future__ import annotations
@@ -88,8 +91,14 @@ def _s3_filesystem(storage: StorageConfig) -> pafs.S3FileSystem:
     if endpoint:
         parts = urlsplit(endpoint)
         options.update(endpoint_override=parts.netloc, scheme=parts.scheme or "https")
-    # Credentials: pyarrow's AWS SDK reads the environment, ~/.aws and the instance profile itself,
-    # so they never become part of the (pickled, logged) filesystem options.
+    # Without secret fields, pyarrow's AWS SDK finds the credentials itself (environment, ~/.aws, instance
+    # profile) in every process, so they never enter the options. With them, the options carry the keys
+    # to the Ray workers this filesystem is pickled into.
+    if storage.access_key_id is not None:
+        options.update(access_key=storage.access_key_id.get_secret_value(),
+                       secret_key=storage.secret_access_key.get_secret_value())
+    if storage.session_token is not None:
+        options.update(session_token=storage.session_token.get_secret_value())
     return _S3FileSystem(storage.retries, **options)
 
 
@@ -189,13 +198,13 @@ def _describe_failure(loc: Location, err: Exception) -> str:
     text = (str(err).splitlines()[0] if str(err) else type(err).__name__).rstrip(".")
     if "ACCESS_DENIED" in text:  # the AWS SDK's name for 403, whether the key is wrong or lacks permission
         return (
-            f"cannot access {url}: access denied ({text}). Check the credentials (AWS_ACCESS_KEY_ID / "
-            "AWS_SECRET_ACCESS_KEY in the environment, ~/.aws or the instance profile) and that they may use "
-            "this bucket."
+            f"cannot access {url}: access denied ({text}). Check the credentials (storage.access_key_id / "
+            "storage.secret_access_key, else AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment, "
+            "~/.aws or the instance profile) and that they may use this bucket."
         )
     return (
         f"cannot access {url}: {text}. Check the path, the bucket name, the endpoint "
-        "(storage.endpoint_url or AWS_ENDPOINT_URL) and the credentials in the environment."
+        "(storage.endpoint_url or AWS_ENDPOINT_URL) and the credentials."
     )
 
 

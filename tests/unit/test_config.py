@@ -33,14 +33,14 @@ def test_override_value_keeps_urls_as_text():
 
 
 def test_unknown_key_names_field_and_suggests():
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ConfigError, match="data.inptu: unknown key") as e:
         load_config(PrepareConfig, None, ["data.inptu=x"])
     msg = str(e.value)
     assert "data.inptu: unknown key" in msg and "did you mean 'input'" in msg and "keep_columns" in msg
 
 
 def test_bad_choice_lists_allowed_values():
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ConfigError, match="image.resize_mode") as e:
         load_config(PrepareConfig, None, ["image.resize_mode=squash"])
     msg = str(e.value)
     assert "image.resize_mode" in msg and "'stretch'" in msg and "'center_crop'" in msg and "squash" in msg
@@ -60,12 +60,6 @@ def test_malformed_override_and_file(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(PrepareConfig, bad)
-
-
-def test_endpoint_with_credentials_is_refused_without_echoing_them():
-    with pytest.raises(ConfigError) as e:
-        load_config(PrepareConfig, None, ["storage.endpoint_url=http://AKIAXX:topsecret@host:9000"])
-    assert "must not contain credentials" in str(e.value)
 
 
 def test_coyo_labels_need_a_class_list():

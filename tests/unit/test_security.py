@@ -58,7 +58,7 @@ def test_the_crafted_weights_would_run_code_if_unpickled(tmp_path):
 def test_a_crafted_bundle_is_refused_and_runs_nothing(crafted_bundle):
     url, marker = crafted_bundle
     for load in (lambda: load_bundle(url, StorageConfig()), lambda: BundlePredictor(url, StorageConfig())):
-        with pytest.raises(BundleError) as e:
+        with pytest.raises(BundleError, match="holds more than plain tensors") as e:
             load()
         assert f"{url}/{WEIGHTS} holds more than plain tensors" in str(e.value)
         assert "refused, since loading it could run code" in str(e.value)
@@ -89,7 +89,7 @@ def stays_inside(name: str) -> bool:
 def test_a_run_name_that_is_not_one_folder_name_is_refused(config, name, tmp_path):
     path = tmp_path / "config.yaml"  # YAML keeps every name exactly (an override would strip "r1\n")
     path.write_text(yaml.safe_dump({"run": {"name": name}}))
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ConfigError, match="run.name: Value error, must be a single folder name") as e:
         load_config(config, path)
     message = str(e.value)
     assert "run.name: Value error, must be a single folder name" in message
