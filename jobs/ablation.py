@@ -9,16 +9,9 @@ With seeds, each mode is trained once per seed and the table gives mean and stan
 
 import sys
 
-from raypipe.bundle import BundleError
-from raypipe.cli import parse_job_config, register_user_error, run_job
+from raypipe.cli import parse_job_config, run_job
 from raypipe.config import AblationConfig
-from raypipe.io.fs import StorageError
-from raypipe.io.readers import InputError
 from raypipe.pipeline.ablation import run_ablation
-from raypipe.pipeline.evaluate import EvaluateError
-from raypipe.pipeline.prepare import PrepareError
-from raypipe.pipeline.train import TrainError
-from raypipe.transforms.text import WordNetMissingError
 
 
 def main(argv=None) -> dict:
@@ -31,5 +24,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    register_user_error(TrainError, PrepareError, InputError, StorageError, WordNetMissingError, BundleError, EvaluateError)
     run_job(lambda: main(sys.argv[1:]))

@@ -7,12 +7,9 @@
 import json
 import sys
 
-from raypipe.bundle import BundleError
-from raypipe.cli import parse_job_config, register_user_error, run_job
+from raypipe.cli import parse_job_config, run_job
 from raypipe.config import EvaluateConfig
-from raypipe.io.fs import StorageError
-from raypipe.io.readers import InputError
-from raypipe.pipeline.evaluate import EvaluateError, run_evaluate
+from raypipe.pipeline.evaluate import run_evaluate
 
 
 def main(argv=None) -> dict:
@@ -28,5 +25,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    register_user_error(EvaluateError, BundleError, InputError, StorageError)
     run_job(lambda: main(sys.argv[1:]))

@@ -14,10 +14,9 @@ decoded is kept with img2dataset's status (failed_to_download / failed_to_resize
 import json
 import sys
 
-from raypipe.cli import parse_job_config, register_user_error, run_job
+from raypipe.cli import parse_job_config, run_job
 from raypipe.config import IngestConfig
-from raypipe.ingest import IngestError, run_ingest, summary_lines
-from raypipe.io.fs import StorageError
+from raypipe.ingest import run_ingest, summary_lines
 
 
 def main(argv=None) -> dict:
@@ -29,5 +28,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    register_user_error(IngestError, StorageError)
     run_job(lambda: main(sys.argv[1:]))

@@ -13,12 +13,8 @@ and skips complete outputs (overwrite=true relabels everything). See docs/labeli
 import json
 import sys
 
-from raypipe.bundle import BundleError
-from raypipe.cli import parse_job_config, register_user_error, run_job
+from raypipe.cli import parse_job_config, run_job
 from raypipe.config import LabelJobConfig
-from raypipe.io.fs import StorageError
-from raypipe.io.readers import InputError
-from raypipe.pipeline.evaluate import EvaluateError
 from raypipe.pipeline.label import LabelError, run_label, summary_lines
 
 
@@ -34,5 +30,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    register_user_error(LabelError, EvaluateError, BundleError, InputError, StorageError)
     run_job(lambda: main(sys.argv[1:]))

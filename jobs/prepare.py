@@ -7,12 +7,9 @@
 import json
 import sys
 
-from raypipe.cli import parse_job_config, register_user_error, run_job
+from raypipe.cli import parse_job_config, run_job
 from raypipe.config import PrepareConfig
-from raypipe.io.fs import StorageError
-from raypipe.io.readers import InputError
-from raypipe.pipeline.prepare import PrepareError, run_prepare, summary_lines
-from raypipe.transforms.text import WordNetMissingError
+from raypipe.pipeline.prepare import run_prepare, summary_lines
 
 
 def main(argv=None) -> None:
@@ -23,5 +20,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    register_user_error(PrepareError, InputError, StorageError, WordNetMissingError)
     run_job(lambda: main(sys.argv[1:]))

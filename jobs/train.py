@@ -9,14 +9,9 @@ Re-running with the same run.name and run.storage_path resumes from the last che
 import json
 import sys
 
-from raypipe.bundle import BundleError
-from raypipe.cli import parse_job_config, register_user_error, run_job
+from raypipe.cli import parse_job_config, run_job
 from raypipe.config import TrainConfig
-from raypipe.io.fs import StorageError
-from raypipe.io.readers import InputError
-from raypipe.pipeline.prepare import PrepareError
-from raypipe.pipeline.train import TrainError, run_train
-from raypipe.transforms.text import WordNetMissingError
+from raypipe.pipeline.train import run_train
 
 
 def main(argv=None) -> dict:
@@ -32,5 +27,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    register_user_error(TrainError, PrepareError, InputError, StorageError, WordNetMissingError, BundleError)
     run_job(lambda: main(sys.argv[1:]))

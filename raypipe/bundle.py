@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from raypipe.config import StorageConfig
+from raypipe.errors import UserError
 from raypipe.io import fs as rfs
 from raypipe.model import FusionClassifier, ModelConfig
 from raypipe.transforms.image import ImageOptions
@@ -29,7 +30,7 @@ FORMAT_VERSION = 1
 WEIGHTS, CONFIG, VOCAB, CLASSES, METRICS = "model.pt", "config.json", "vocab.json", "classes.json", "metrics.json"
 
 
-class BundleError(RuntimeError):
+class BundleError(UserError, RuntimeError):
     """A bundle that cannot be loaded; the message names the URL and the problem."""
 
 

@@ -11,17 +11,10 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from raypipe.config import ConfigError, load_config, mask_url_credentials, shown_name
+from raypipe.config import load_config, mask_url_credentials, shown_name
+from raypipe.errors import UserError
 
 C = TypeVar("C", bound=BaseModel)
-
-# Errors whose message already says what is wrong and what to do.
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
-
-
-def register_user_error(*kinds: type[Exception]) -> None:
-    global USER_ERRORS
-    USER_ERRORS = (*USER_ERRORS, *kinds)
 
 
 def parse_job_config(model: type[C], argv: list[str] | None, description: str) -> C:
@@ -48,7 +41,7 @@ def user_error(error: BaseException) -> BaseException | None:
         cause = getattr(error, "cause", None)
         if isinstance(cause, BaseException):
             error = cause
-        elif isinstance(error, USER_ERRORS):
+        elif isinstance(error, UserError):
             return error
         else:
             error = error.__cause__ or error.__context__

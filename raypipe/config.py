@@ -20,13 +20,14 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from raypipe.errors import UserError
 from raypipe.transforms.image import ImageOptions
 from raypipe.transforms.text import TextOptions
 
 DEFAULT_SAMPLE_DIR = "~/.cache/raypipe/sample-v1"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be used; the message says which field and what to do."""
 
 
@@ -81,6 +82,12 @@ class StorageConfig(Section):
     connect_timeout_s: float = Field(5.0, gt=0, description="Seconds to wait for a connection to the object store.")
     request_timeout_s: float = Field(60.0, gt=0, description="Seconds to wait for one object-store request.")
     retries: int = Field(5, ge=0, le=20, description="Retries of a failed object-store request (with backoff).")
+    shared_filesystem: bool = Field(
+        False,
+        description="Local paths are on a filesystem mounted at the same path on every node (NFS, EFS, Lustre). "
+        "Without it a job on a cluster of more than one node refuses local input and output paths, which each "
+        "node would resolve on its own disk.",
+    )
     access_key_id: SecretStr | None = Field(
         None,
         description="S3 access key id, set together with secret_access_key. Prefer the environment "
@@ -220,6 +227,12 @@ class SplitConfig(Section):
 class RayConfig(Section):
     address: str | None = Field(
         None, description="Ray cluster to join ('auto', ray://host:10001). Default: RAY_ADDRESS, else a local cluster."
+    )
+    node_wait_s: float = Field(
+        900.0,
+        gt=0,
+        description="Seconds a job on an autoscaling cluster waits for the nodes its first workers or actors need "
+        "(a cloud node boots and installs in 5-10 min) before it fails naming what it asked for.",
     )
     num_cpus: int | None = Field(None, ge=1, description="Logical CPUs of a local cluster. Default: all cores.")
     batch_size: int | None = Field(

@@ -59,6 +59,7 @@ from raypipe.transforms.image import (
     exif_orientation,
     to_rgb,
 )
+from raypipe.errors import UserError
 from raypipe.transforms.labels import label_text
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ EXAMPLES_PER_SHARD = 3
 _URL, _BYTES = "url", "__image_bytes"
 
 
-class IngestError(RuntimeError):
+class IngestError(UserError, RuntimeError):
     """A manifest or output that cannot be used as configured; the message names it and the fix."""
 
 

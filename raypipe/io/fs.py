@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 import pyarrow.fs as pafs
 
 from raypipe.config import StorageConfig
+from raypipe.errors import UserError
 
 GLOB_CHARS = "*?["
 FIRST_RETRY_DELAY_S = 0.25  # the reachability check's delays double from here
@@ -40,7 +41,7 @@ FIRST_RETRY_DELAY_S = 0.25  # the reachability check's delays double from here
 _reachable_endpoints: set[str] = set()  # endpoints this process has reached once
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """A URL that cannot be read or written; the message names it and says what to check."""
 
 

@@ -10,62 +10,20 @@ import numpy as np
 
 from raypipe import plots, schema
 from raypipe.bundle import load_bundle
-from raypipe.config import DataSections, EvaluateConfig, ImageConfig, PredictSection, TextConfig
+from raypipe.config import DataSections, EvaluateConfig, ImageConfig, TextConfig
+from raypipe.errors import UserError
 from raypipe.io import fs as rfs
 from raypipe.metrics import confusion_matrix, per_class, summary
-from raypipe.pipeline.cluster import init_ray
+from raypipe.pipeline.capacity import cluster_capacity, first_work, predictor_compute, start_cluster, wait_for_resources
 from raypipe.pipeline.predict import PREDICTED_ID, BundlePredictor
-from raypipe.pipeline.prepare import PreparedOutput, plan_prepare, prepared_dataset
+from raypipe.pipeline.prepare import PreparedOutput, input_paths, plan_prepare, prepared_dataset
 from raypipe.transforms.split import rows_of_split
 
 log = logging.getLogger(__name__)
 
 
-class EvaluateError(RuntimeError):
+class EvaluateError(UserError, RuntimeError):
     """An evaluation that cannot run as configured."""
-
-
-MIN_CPUS_PER_ACTOR = 0.1  # below this, more actors only add processes (each holding the model), not compute
-
-
-def predictor_compute(predict: PredictSection, cluster: dict, cpus_per_actor: float = 1.0) -> dict:
-    """map_batches arguments for a predictor actor pool that cannot take every CPU.
-
-    GPU actors: an autoscaling pool, one GPU each (it starts with one actor, so it runs as soon as one
-    GPU is free). CPU actors: a fixed pool (started at once, so no actor starts late and the pool never
-    shrinks and grows again) sharing the cluster's CPUs but one, which stays for the preprocessing
-    tasks; at least two actors (on a 2-CPU machine: two of 0.5 CPU, each running the model on one
-    thread, so one computes while the other waits for input). A pool that could never run, or would
-    deadlock the preprocessing, is refused with what it asks for and what the cluster has."""
-    from ray.data import ActorPoolStrategy
-
-    cpus, gpus = cluster.get("CPU", 0.0), int(cluster.get("GPU", 0))
-    if predict.use_gpu:
-        if gpus < 1:
-            raise EvaluateError(
-                "predict.use_gpu=true asks for predictor actors with one GPU each; the cluster has no GPU "
-                f"({cpus:g} CPUs). Set predict.use_gpu=false, or start GPU nodes first (see docs/cluster.md)."
-            )
-        return {"compute": ActorPoolStrategy(min_size=1, max_size=predict.max_actors or gpus), "num_gpus": 1}
-    if cpus < 2:
-        raise EvaluateError(
-            f"CPU predictor actors need a cluster of at least 2 CPUs (one for reading and preprocessing, the "
-            f"rest for the actors); the cluster has {cpus:g}. Set ray.num_cpus=2 or more (logical CPUs may "
-            "exceed the cores), or add nodes."
-        )
-    spare = cpus - 1
-    actors = predict.max_actors or max(2, int(spare))
-    if spare / actors < MIN_CPUS_PER_ACTOR:
-        raise EvaluateError(
-            f"predict.max_actors={actors} CPU predictor actors would share the {spare:g} CPU(s) left for "
-            f"prediction on this {cpus:g}-CPU cluster at {spare / actors:.3f} CPU each; at most "
-            f"{int(spare / MIN_CPUS_PER_ACTOR)} ({MIN_CPUS_PER_ACTOR} CPU each) are useful. Lower "
-            "predict.max_actors, or add nodes."
-        )
-    return {
-        "compute": ActorPoolStrategy(size=actors),
-        "num_cpus": round(min(cpus_per_actor, spare / actors), 3),
-    }
 
 
 # What evaluation reads of a prepared row: the model inputs, the truth, and what selects and counts rows.
@@ -83,7 +41,7 @@ def _rows_to_evaluate(cfg: EvaluateConfig, bundle):
                 "Evaluate the raw shards instead (leave `prepared` unset): they are then preprocessed with the "
                 "bundle's own settings"
             )
-        init_ray(cfg.ray)
+        start_cluster(cfg.ray, cfg.storage, {"bundle": cfg.bundle, "prepared": cfg.prepared})
         return prepared.rows(EVALUATE_COLUMNS)
     sections = DataSections(
         data=cfg.data,
@@ -95,16 +53,18 @@ def _rows_to_evaluate(cfg: EvaluateConfig, bundle):
         ray=cfg.ray,
     )
     plan = plan_prepare(sections)
-    init_ray(cfg.ray)
+    start_cluster(cfg.ray, cfg.storage, {"bundle": cfg.bundle, **input_paths(sections)})
     return prepared_dataset(plan, bundle.vocab, bundle.classes).select_columns(EVALUATE_COLUMNS)
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
-    import ray
-
     bundle = load_bundle(cfg.bundle, cfg.storage)
     output = rfs.resolve_output(cfg.output or f"{cfg.bundle.rstrip('/')}/evaluation", cfg.storage)
     rows = _rows_to_evaluate(cfg, bundle)
+    capacity = cluster_capacity()
+    compute = predictor_compute(cfg.predict, capacity)
+    if capacity.autoscales:
+        wait_for_resources(first_work(compute), "the first predictor actor(s) and a preprocessing task", cfg.ray.node_wait_s)
     if cfg.which_split != "all":
         rows = rows.map_batches(schema.Typed(rows_of_split), fn_args=(cfg.which_split,), batch_format="numpy")
     predictions = rows.map_batches(
@@ -112,7 +72,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         fn_constructor_args=(cfg.bundle, cfg.storage, cfg.predict.top_k),
         batch_size=cfg.predict.batch_size,
         batch_format="numpy",
-        **predictor_compute(cfg.predict, ray.cluster_resources()),
+        **compute,
     ).select_columns([schema.LABEL_ID, PREDICTED_ID, schema.STATUS])
 
     n = len(bundle.classes)

@@ -45,7 +45,8 @@ from raypipe.io import fs as rfs
 from raypipe.io.readers import InputPlan, plan_inputs, read_pairs
 from raypipe.io.tar import tar_members, tar_samples
 from raypipe.pipeline import predict
-from raypipe.pipeline.cluster import init_ray, say
+from raypipe.pipeline.capacity import cluster_capacity, first_work, predictor_compute, start_cluster, wait_for_resources
+from raypipe.pipeline.cluster import say
 from raypipe.pipeline.label_writer import (
     COUNT_OK, COUNT_ROWS, LabelError, PartWriter, output_names, output_schema, strip_scheme,
 )
@@ -230,22 +231,25 @@ def _pending_inputs(plan: LabelPlan) -> InputPlan:
     return replace(plan.inputs, files=paths, metadata_files=metadata)
 
 
-def labeled_dataset(plan: LabelPlan):
+def predictor_pool(cfg: LabelJobConfig) -> dict:
+    """The predictor actors' map_batches arguments, planned against what the cluster can have; where it
+    autoscales, waits for the nodes of the first actors (GPU actors by default when it can have GPUs)."""
+    capacity = cluster_capacity()
+    use_gpu = cfg.predict.use_gpu if cfg.predict.use_gpu is not None else capacity.most("GPU") > 0
+    compute = predictor_compute(cfg.predict.model_copy(update={"use_gpu": use_gpu}), capacity, cfg.predict.cpus_per_actor)
+    if capacity.autoscales:
+        wait_for_resources(first_work(compute), "the first predictor actor(s) and a preprocessing task", cfg.ray.node_wait_s)
+    return compute
+
+
+def labeled_dataset(plan: LabelPlan, compute: dict):
     """Lazily: the pending inputs' rows, preprocessed, predicted and written; yields count rows."""
-    import ray
     from ray.data import ActorPoolStrategy
 
     cfg, bundle = plan.cfg, plan.bundle
     preparer = ModelInputPreparer(bundle.image, bundle.text, bundle.vocab.token_to_id, bundle.model_config.mode)
     keep = [schema.KEY, schema.IMAGE, schema.TOKENS, schema.SOURCE, schema.STATUS, schema.ERROR_MESSAGE,
             *cfg.data.keep_columns]
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = cfg.predict.use_gpu if cfg.predict.use_gpu is not None else gpus > 0
-    from raypipe.pipeline.evaluate import predictor_compute
-
-    compute = predictor_compute(
-        cfg.predict.model_copy(update={"use_gpu": use_gpu}), ray.cluster_resources(), cfg.predict.cpus_per_actor
-    )
     names = {item.path: item.name for item in plan.pending}
     names.update({strip_scheme(p): n for p, n in list(names.items())})
     return (
@@ -319,10 +323,10 @@ def run_label(cfg: LabelJobConfig) -> dict:
     rows_done = ok_done = 0
     label_started = time.perf_counter()
     if plan.pending:
-        init_ray(cfg.ray)
+        start_cluster(cfg.ray, cfg.storage, {"data.input": ", ".join(cfg.data.input), "bundle": cfg.bundle, "output": cfg.output})
         label_started = time.perf_counter()  # throughput without the cluster start
         last = time.perf_counter()
-        for batch in labeled_dataset(plan).iter_batches(batch_format="numpy", batch_size=None):
+        for batch in labeled_dataset(plan, predictor_pool(cfg)).iter_batches(batch_format="numpy", batch_size=None):
             rows_done += int(batch[COUNT_ROWS].sum())
             ok_done += int(batch[COUNT_OK].sum())
             now = time.perf_counter()

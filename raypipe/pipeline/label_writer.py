@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raypipe import schema
+from raypipe.errors import UserError
 from raypipe.io import fs as rfs
 from raypipe.schema import Status
 
@@ -27,7 +28,7 @@ ATTENTION_WORDS, ATTENTION_WEIGHTS = schema.ATTENTION_WORDS, schema.ATTENTION_WE
 COUNT_NAME, COUNT_ROWS, COUNT_OK = "name", "rows", "ok"
 
 
-class LabelError(RuntimeError):
+class LabelError(UserError, RuntimeError):
     """A labeling run that cannot start or finish; the message says what to do."""
 
 

@@ -30,9 +30,11 @@ import pyarrow.parquet as pq
 
 from raypipe import schema
 from raypipe.config import DEFAULT_SAMPLE_DIR, DataConfig, DataSections, PrepareConfig, dump_config
+from raypipe.errors import UserError
 from raypipe.io import fs as rfs
 from raypipe.io.readers import InputPlan, SidecarJoin, plan_inputs, read_pairs, read_sidecar
-from raypipe.pipeline.cluster import init_ray, wait_for_free_cpus
+from raypipe.pipeline.capacity import start_cluster
+from raypipe.pipeline.cluster import wait_for_free_cpus
 from raypipe.schema import Status
 from raypipe.transforms.image import ImageOptions, pixels_as_bytes, unpack_images
 from raypipe.transforms.labels import COYO_LABELS, COYO_PROBS, LabelRule
@@ -47,7 +49,7 @@ VOCAB_FILE, CLASSES_FILE, STATS_FILE, CONFIG_FILE = "vocab.json", "classes.json"
 EXAMPLES_PER_STATUS = 5
 
 
-class PrepareError(RuntimeError):
+class PrepareError(UserError, RuntimeError):
     """A prepare run that cannot start or finish; the message says what to do."""
 
 
@@ -61,6 +63,11 @@ def ensure_default_sample(data: DataConfig) -> None:
 
         log.info("writing the built-in sample to %s", sample_dir)
         write_sample(str(sample_dir))
+
+
+def input_paths(cfg: DataSections) -> dict[str, str | None]:
+    """The settings naming what the read tasks open, for the check of paths on a multi-node cluster."""
+    return {"data.input": ", ".join(cfg.data.input), "labels.sidecar": cfg.labels.sidecar}
 
 
 def _label_inputs(cfg: DataSections) -> tuple[str, ...]:
@@ -214,7 +221,7 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     started = time.perf_counter()
     out = _check_output(cfg)
     plan = plan_prepare(cfg)  # everything that can be checked without a cluster is checked first
-    init_ray(cfg.ray)
+    start_cluster(cfg.ray, cfg.storage, {**input_paths(cfg), "output": cfg.output})
     vocab, classes, _ = build_vocab_and_classes(plan)
     prepared_dir = out.join(PREPARED_DIR)
     prepared_dataset(plan, vocab, classes).map_batches(_for_parquet, batch_format="pyarrow").write_parquet(

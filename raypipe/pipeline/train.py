@@ -22,12 +22,14 @@ import torch
 
 from raypipe import schema
 from raypipe.bundle import Bundle, save_bundle
-from raypipe.config import ScalingSection, TrainConfig, dump_config
+from raypipe.config import TrainConfig, dump_config
+from raypipe.errors import UserError
 from raypipe.io import fs as rfs
 from raypipe.metrics import summary
 from raypipe.model import FusionClassifier, ModelConfig
-from raypipe.pipeline.cluster import init_ray, say, wait_for_free_cpus
-from raypipe.pipeline.prepare import PreparedOutput, build_vocab_and_classes, plan_prepare, prepared_dataset
+from raypipe.pipeline.capacity import cluster_capacity, plan_worker_resources, start_cluster, wait_for_resources
+from raypipe.pipeline.cluster import say, wait_for_free_cpus
+from raypipe.pipeline.prepare import PreparedOutput, build_vocab_and_classes, input_paths, plan_prepare, prepared_dataset
 from raypipe.transforms.image import ImageOptions
 from raypipe.transforms.split import TRAIN, VAL, rows_of_split
 from raypipe.transforms.text import TextOptions
@@ -41,7 +43,7 @@ BUNDLE_DIR = "bundle"
 CKPT_MODEL, CKPT_OPTIMIZER, CKPT_BEST, CKPT_PROGRESS = "model.pt", "optimizer.pt", "best_model.pt", "progress.json"
 
 
-class TrainError(RuntimeError):
+class TrainError(UserError, RuntimeError):
     """A training run that cannot start; the message says why and what to change."""
 
 
@@ -71,7 +73,7 @@ def load_training_data(cfg: TrainConfig) -> TrainingData:
     """From a prepare output, or streamed from raw shards. Starts Ray only after the checks."""
     if cfg.prepared is None:
         plan = plan_prepare(cfg)
-        init_ray(cfg.ray)
+        start_cluster(cfg.ray, cfg.storage, {**input_paths(cfg), "run.storage_path": cfg.run.storage_path})
         vocab, classes, label_counts = build_vocab_and_classes(plan)
         train, val = _split_datasets(prepared_dataset(plan, vocab, classes))
         return TrainingData(train, val, vocab, classes, cfg.image.options(), cfg.text.options(), label_counts)
@@ -79,7 +81,7 @@ def load_training_data(cfg: TrainConfig) -> TrainingData:
     prepared = PreparedOutput.open(rfs.resolve(cfg.prepared, cfg.storage))
     if not prepared.classes:
         raise TrainError(f"{cfg.prepared} has no classes (prepared with labels.source=none?); training needs labels")
-    init_ray(cfg.ray)
+    start_cluster(cfg.ray, cfg.storage, {"prepared": cfg.prepared, "run.storage_path": cfg.run.storage_path})
     train, val = _split_datasets(prepared.rows(SPLIT_INPUT_COLUMNS))
     decoded_mib = prepared.stats.get("rows_ok", 0) * decoded_row_bytes(prepared.image, prepared.text) / 2**20
     if cfg.scaling.cache_mib and decoded_mib <= cfg.scaling.cache_mib:
@@ -105,27 +107,6 @@ def cached(ds):
 def decoded_row_bytes(image: ImageOptions, text: TextOptions) -> int:
     """Object-store bytes of one training row (MODEL_COLUMNS): uint8 pixels, int64 token ids, the label id."""
     return image.size * image.size * 3 + text.max_len * 8 + 8
-
-
-def plan_worker_resources(scaling: ScalingSection, cluster: dict) -> dict:
-    """CPUs (and GPUs) per worker such that the trainer never takes every CPU: Ray Data needs one to
-    feed it, and a trainer that starves its own input pipeline hangs without an error."""
-    cpus, gpus, n = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0), scaling.num_workers
-    if scaling.use_gpu and gpus < n:
-        raise TrainError(
-            f"scaling.use_gpu=true asks for {n} GPU worker(s); the cluster has {gpus:g} GPU(s). "
-            "Start GPU nodes (see docs/cluster.md) or set scaling.use_gpu=false."
-        )
-    per_worker = scaling.cpus_per_worker or min(1.0, (cpus - 1) / n)
-    if per_worker <= 0 or per_worker * n > cpus - 0.5:
-        raise TrainError(
-            f"{n} worker(s) x {per_worker:g} CPU leaves no CPU for data loading on a cluster with {cpus:g} CPUs; "
-            "lower scaling.num_workers or scaling.cpus_per_worker, or add nodes."
-        )
-    resources = {"CPU": round(per_worker, 3)}
-    if scaling.use_gpu:
-        resources["GPU"] = 1
-    return resources
 
 
 def class_weights(classes: tuple[str, ...], counts: dict[str, int]) -> list[float]:
@@ -351,7 +332,11 @@ def run_train(cfg: TrainConfig) -> dict:
 
     storage_path, storage_fs = _run_storage(cfg)  # a run that cannot write its checkpoints fails first
     data = load_training_data(cfg)  # checks inputs, then starts Ray
-    resources = plan_worker_resources(cfg.scaling, ray.cluster_resources())
+    capacity = cluster_capacity()
+    resources = plan_worker_resources(cfg.scaling, capacity)
+    if capacity.autoscales:
+        wait_for_resources([resources] * cfg.scaling.num_workers,
+                           f"{cfg.scaling.num_workers} training worker(s)", cfg.ray.node_wait_s)
     # ModelSection's fields are ModelConfig's; the data decides the rest.
     model_config = ModelConfig(
         num_classes=len(data.classes), vocab_size=len(data.vocab), image_size=data.image.size, **cfg.model.model_dump()

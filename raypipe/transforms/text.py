@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from raypipe.errors import UserError
 from raypipe.transforms.stopwords import ENGLISH_STOPWORDS
 from raypipe.transforms.vocab import PAD_ID, UNK_ID
 
@@ -120,7 +121,7 @@ _WORDNET_FILES = (
 )
 
 
-class WordNetMissingError(RuntimeError):
+class WordNetMissingError(UserError, RuntimeError):
     """NLTK's WordNet data is not installed where NLTK looks for it."""
 
     def __init__(self, detail: str, searched: Sequence[str] | None = None):

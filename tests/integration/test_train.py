@@ -17,7 +17,7 @@ from raypipe.config import EvaluateConfig, PrepareConfig, StorageConfig, TrainCo
 from raypipe.io.fs import resolve
 from raypipe.pipeline.evaluate import run_evaluate
 from raypipe.pipeline.prepare import run_prepare
-from raypipe.pipeline.train import TrainError, load_training_data, plan_worker_resources, run_train
+from raypipe.pipeline.train import load_training_data, run_train
 from raypipe.sample import SampleSpec, write_sample
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -66,16 +66,6 @@ def test_two_workers_checkpoint_to_s3_resume_and_evaluate(prepared, bucket):
     out = resolve(result["output"], StorageConfig())
     assert json.loads(out.fs.open_input_stream(f"{out.path}/metrics.json").read())["rows"] == result["rows"]
     assert out.fs.open_input_stream(f"{out.path}/confusion_matrix.png").read()[:4] == b"\x89PNG"
-
-
-def test_worker_resources_leave_a_cpu_for_data():
-    scaling = load_config(TrainConfig, None, ["scaling.num_workers=2"]).scaling
-    assert plan_worker_resources(scaling, {"CPU": 2.0}) == {"CPU": 0.5}
-    assert plan_worker_resources(scaling, {"CPU": 8.0}) == {"CPU": 1.0}
-    with pytest.raises(TrainError, match="leaves no CPU for data loading"):
-        plan_worker_resources(load_config(TrainConfig, None, ["scaling.cpus_per_worker=1", "scaling.num_workers=2"]).scaling, {"CPU": 2.0})
-    with pytest.raises(TrainError, match="has 0 GPU"):
-        plan_worker_resources(load_config(TrainConfig, None, ["scaling.use_gpu=true"]).scaling, {"CPU": 8.0})
 
 
 @pytest.mark.parametrize("cache_mib, cached", [(2048, True), (1, False), (0, False)])

@@ -26,7 +26,7 @@ from jobscript import assert_one_clear_line, run_script
 from tiny import PAIR_COLUMNS, write_bundle, write_pairs
 
 from raypipe.bundle import BundleError
-from raypipe.cli import register_user_error, run_job
+from raypipe.cli import run_job
 from raypipe.config import IngestConfig, LabelJobConfig, PrepareConfig, StorageConfig, load_config
 from raypipe.ingest import run_ingest
 from raypipe.io import fs as rfs
@@ -216,7 +216,6 @@ def test_job_scripts_end_with_one_line_naming_the_url(store, checked_store):
 def test_an_error_raised_inside_a_ray_task_is_shown_without_the_remote_stack_trace(capsys):
     from ray.exceptions import RayTaskError
 
-    register_user_error(StorageError)
     remote = StorageError("cannot access s3://bucket/x: the object store at http://127.0.0.1:1 does not answer")
     wrapped = RayTaskError("write_label_batch", "Traceback (most recent call last):\n  ...", remote)
 
