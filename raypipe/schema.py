@@ -157,7 +157,9 @@ def to_arrow(batch: Mapping[str, np.ndarray], passthrough: Mapping[str, pa.DataT
         if declared is None and name == IMAGE:
             declared = ENCODED_IMAGE_TYPE
         if declared is None:
-            raise KeyError(f"column {name!r} has no declared Arrow type (raypipe/schema.py, or the input's passthrough types)")
+            raise KeyError(
+                f"column {name!r} has no declared Arrow type (raypipe/schema.py, or the input's passthrough types)"
+            )
         columns[name] = _typed_array(name, values, declared)
     return pa.table(columns)
 

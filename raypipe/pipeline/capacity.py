@@ -173,6 +173,19 @@ def first_work(compute: dict) -> list[dict[str, float]]:
     return [actor] * compute["compute"].min_size + [{"CPU": 1.0}]
 
 
+def predictor_pool(predict: PredictSection, node_wait_s: float, cpus_per_actor: float = 1.0) -> dict:
+    """``predictor_compute`` against the cluster's capacity (GPU actors when ``predict.use_gpu`` is unset
+    and the cluster can have GPUs); on an autoscaling cluster, after waiting for the nodes of the first
+    actors and a preprocessing task."""
+    capacity = cluster_capacity()
+    if predict.use_gpu is None:
+        predict = predict.model_copy(update={"use_gpu": capacity.most("GPU") > 0})
+    compute = predictor_compute(predict, capacity, cpus_per_actor)
+    if capacity.autoscales:
+        wait_for_resources(first_work(compute), "the first predictor actor(s) and a preprocessing task", node_wait_s)
+    return compute
+
+
 # --- talking to Ray --------------------------------------------------------------------------------
 
 

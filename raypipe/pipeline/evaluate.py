@@ -14,7 +14,7 @@ from raypipe.config import DataSections, EvaluateConfig, ImageConfig, TextConfig
 from raypipe.errors import UserError
 from raypipe.io import fs as rfs
 from raypipe.metrics import confusion_matrix, per_class, summary
-from raypipe.pipeline.capacity import cluster_capacity, first_work, predictor_compute, start_cluster, wait_for_resources
+from raypipe.pipeline.capacity import predictor_pool, start_cluster
 from raypipe.pipeline.predict import PREDICTED_ID, BundlePredictor
 from raypipe.pipeline.prepare import PreparedOutput, input_paths, plan_prepare, prepared_dataset
 from raypipe.transforms.split import rows_of_split
@@ -61,10 +61,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     bundle = load_bundle(cfg.bundle, cfg.storage)
     output = rfs.resolve_output(cfg.output or f"{cfg.bundle.rstrip('/')}/evaluation", cfg.storage)
     rows = _rows_to_evaluate(cfg, bundle)
-    capacity = cluster_capacity()
-    compute = predictor_compute(cfg.predict, capacity)
-    if capacity.autoscales:
-        wait_for_resources(first_work(compute), "the first predictor actor(s) and a preprocessing task", cfg.ray.node_wait_s)
+    compute = predictor_pool(cfg.predict, cfg.ray.node_wait_s)
     if cfg.which_split != "all":
         rows = rows.map_batches(schema.Typed(rows_of_split), fn_args=(cfg.which_split,), batch_format="numpy")
     predictions = rows.map_batches(

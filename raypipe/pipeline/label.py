@@ -45,7 +45,7 @@ from raypipe.io import fs as rfs
 from raypipe.io.readers import InputPlan, plan_inputs, read_pairs
 from raypipe.io.tar import tar_members, tar_samples
 from raypipe.pipeline import predict
-from raypipe.pipeline.capacity import cluster_capacity, first_work, predictor_compute, start_cluster, wait_for_resources
+from raypipe.pipeline.capacity import predictor_pool, start_cluster
 from raypipe.pipeline.cluster import say
 from raypipe.pipeline.label_writer import (
     COUNT_OK, COUNT_ROWS, LabelError, PartWriter, output_names, output_schema, strip_scheme,
@@ -231,17 +231,6 @@ def _pending_inputs(plan: LabelPlan) -> InputPlan:
     return replace(plan.inputs, files=paths, metadata_files=metadata)
 
 
-def predictor_pool(cfg: LabelJobConfig) -> dict:
-    """The predictor actors' map_batches arguments, planned against what the cluster can have; where it
-    autoscales, waits for the nodes of the first actors (GPU actors by default when it can have GPUs)."""
-    capacity = cluster_capacity()
-    use_gpu = cfg.predict.use_gpu if cfg.predict.use_gpu is not None else capacity.most("GPU") > 0
-    compute = predictor_compute(cfg.predict.model_copy(update={"use_gpu": use_gpu}), capacity, cfg.predict.cpus_per_actor)
-    if capacity.autoscales:
-        wait_for_resources(first_work(compute), "the first predictor actor(s) and a preprocessing task", cfg.ray.node_wait_s)
-    return compute
-
-
 def labeled_dataset(plan: LabelPlan, compute: dict):
     """Lazily: the pending inputs' rows, preprocessed, predicted and written; yields count rows."""
     from ray.data import ActorPoolStrategy
@@ -323,10 +312,12 @@ def run_label(cfg: LabelJobConfig) -> dict:
     rows_done = ok_done = 0
     label_started = time.perf_counter()
     if plan.pending:
-        start_cluster(cfg.ray, cfg.storage, {"data.input": ", ".join(cfg.data.input), "bundle": cfg.bundle, "output": cfg.output})
+        start_cluster(cfg.ray, cfg.storage,
+                      {"data.input": ", ".join(cfg.data.input), "bundle": cfg.bundle, "output": cfg.output})
+        pool = predictor_pool(cfg.predict, cfg.ray.node_wait_s, cfg.predict.cpus_per_actor)
         label_started = time.perf_counter()  # throughput without the cluster start
         last = time.perf_counter()
-        for batch in labeled_dataset(plan, predictor_pool(cfg)).iter_batches(batch_format="numpy", batch_size=None):
+        for batch in labeled_dataset(plan, pool).iter_batches(batch_format="numpy", batch_size=None):
             rows_done += int(batch[COUNT_ROWS].sum())
             ok_done += int(batch[COUNT_OK].sum())
             now = time.perf_counter()

@@ -29,7 +29,9 @@ from raypipe.metrics import summary
 from raypipe.model import FusionClassifier, ModelConfig
 from raypipe.pipeline.capacity import cluster_capacity, plan_worker_resources, start_cluster, wait_for_resources
 from raypipe.pipeline.cluster import say, wait_for_free_cpus
-from raypipe.pipeline.prepare import PreparedOutput, build_vocab_and_classes, input_paths, plan_prepare, prepared_dataset
+from raypipe.pipeline.prepare import (
+    PreparedOutput, build_vocab_and_classes, input_paths, plan_prepare, prepared_dataset,
+)
 from raypipe.transforms.image import ImageOptions
 from raypipe.transforms.split import TRAIN, VAL, rows_of_split
 from raypipe.transforms.text import TextOptions
@@ -185,6 +187,15 @@ def _save_checkpoint(directory: str, model, optimizer, best_state: dict, progres
     Path(directory, CKPT_PROGRESS).write_text(json.dumps(progress))
 
 
+def _gather(value: str, world: int) -> list[str]:
+    """``value`` of every worker, in rank order (the process group is up once the model is prepared)."""
+    if world == 1:
+        return [value]
+    values = [None] * world
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -212,6 +223,10 @@ def train_loop_per_worker(config: dict) -> None:
             say(f"resuming from the checkpoint after epoch {progress['epoch']}")
     raw_model = model
     model = ray.train.torch.prepare_model(model)  # DDP: NCCL on GPU, gloo on CPU
+    # Where this attempt's workers run, and how many attempts the run took (a restart after a failure
+    # resumes from the checkpoint): recorded in the bundle's metrics.
+    progress["worker_nodes"] = _gather(ray.get_runtime_context().get_node_id(), world)
+    progress["attempts"] = progress.get("attempts", 0) + 1
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
@@ -390,6 +405,8 @@ def run_train(cfg: TrainConfig) -> dict:
         "best_epoch": progress["best_epoch"],
         "best": best,
         "epochs_run": progress["epoch"],
+        "attempts": progress["attempts"],
+        "worker_nodes": progress["worker_nodes"],
         "history": progress["history"],
         "config": dump_config(cfg),
     }
@@ -399,4 +416,5 @@ def run_train(cfg: TrainConfig) -> dict:
         cfg.storage,
         Bundle(model_config, data.image, data.text, data.vocab, data.classes, best_state, metrics),
     )
-    return {"bundle": bundle_url, "identity": identity, **{k: metrics[k] for k in ("best_epoch", "best", "epochs_run", "history")}}
+    summary = ("best_epoch", "best", "epochs_run", "attempts", "worker_nodes", "history")
+    return {"bundle": bundle_url, "identity": identity, **{k: metrics[k] for k in summary}}
