@@ -252,16 +252,16 @@ class RayConfig(Section):
         "small input overlap (labeling 10 shards of 384 px JPEGs: 16 MiB gave 436 pairs/s, 128 gave 365 on "
         "2 cores) but stalled the read of a 100-shard input on 2 CPUs (269 vs 658 pairs/s at 128).",
     )
-    parquet_reader_v2: bool = Field(
-        False,
+    parquet_reader_v2: bool | None = Field(
+        None,
         description="Read Parquet with Ray Data's newer reader (DataSourceV2, Ray's default) instead of one read task "
-        "per file. Off: on 2 CPUs the newer one packed 40 shards into 4 read tasks and started footer-reading actors "
+        "per file. Default: off on a cluster that can have at most 8 CPUs, on above (Ray's default). Off: on 2 CPUs the newer one packed 40 shards into 4 read tasks and started footer-reading actors "
         "on every run (prepare, 20k pairs: 1,448 vs 1,835 images/s; docs/benchmarks.md).",
     )
-    reserve_per_operator: bool = Field(
-        False,
+    reserve_per_operator: bool | None = Field(
+        None,
         description="Ray Data's per-operator resource reservation (DataContext.op_resource_reservation_enabled, Ray's "
-        "default on). Off: on 2 CPUs it kept a core idle between the read and the preprocessing operators (prepare, "
+        "default on). Default: off on a cluster that can have at most 8 CPUs, on above (Ray's default). Off: on 2 CPUs it kept a core idle between the read and the preprocessing operators (prepare, "
         "4k pairs, per-file reader: 1,260 vs 2,034 images/s). An object_store_mib budget is enforced either way.",
     )
     object_store_mib: int | None = Field(

@@ -16,9 +16,9 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from raypipe.config import PredictSection, RayConfig, ScalingSection, StorageConfig
+from raypipe.config import PredictSection, ScalingSection
+from raypipe.console import say
 from raypipe.errors import UserError
-from raypipe.pipeline.cluster import init_ray, say
 
 # Below this, more CPU predictor actors only add processes (each holding the model), not compute.
 MIN_CPUS_PER_ACTOR = 0.1
@@ -91,10 +91,30 @@ def _total(nodes: Sequence[Mapping[str, float]]) -> dict[str, float]:
     return total
 
 
+# Resources every node reports that say nothing about what a job asks for.
+BOOKKEEPING_RESOURCES = ("memory", "object_store_memory", "node:", "accelerator_type:")
+
+
 def _resources(resources: Mapping[str, float]) -> str:
-    shown = {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory") or not k.startswith("node:")}
-    shown = {k: v for k, v in shown.items() if v and not k.startswith(("object_store", "accelerator_type"))}
+    """``{CPU: 4, GPU: 1}``: the schedulable resources (custom ones included), without bookkeeping."""
+    shown = {k: v for k, v in resources.items() if v and not k.startswith(BOOKKEEPING_RESOURCES)}
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items())) + "}"
+
+
+# Up to this many CPUs a cluster counts as small: two Ray Data defaults are turned off there (measured on
+# 2 CPUs, docs/benchmarks.md); on larger clusters, for which Ray tunes them, they stay on.
+SMALL_CLUSTER_CPUS = 8
+
+
+def execution_defaults(capacity: Capacity) -> dict[str, bool]:
+    """The values of ``ray.parquet_reader_v2`` and ``ray.reserve_per_operator`` when they are not set.
+
+    On a small cluster both are off: the newer Parquet reader packed 40 shards into 4 read tasks and
+    started footer-reading actors on every run, and the per-operator reservation kept a core idle
+    between reading and preprocessing. On more CPUs than ``SMALL_CLUSTER_CPUS`` both are Ray's own
+    default, on: packing many small files into fewer tasks and reserving per operator pay off there."""
+    large = capacity.most("CPU") > SMALL_CLUSTER_CPUS
+    return {"parquet_reader_v2": large, "reserve_per_operator": large}
 
 
 # --- sizing, pure ----------------------------------------------------------------------------------
@@ -251,10 +271,3 @@ def require_shared_paths(capacity: Capacity, paths: Mapping[str, str | None], sh
             "each node would read and write their own disk. Use object storage (s3://bucket/..., or any fsspec "
             "URL), or a filesystem mounted at the same path on every node and storage.shared_filesystem=true."
         )
-
-
-def start_cluster(ray_config: RayConfig, storage: StorageConfig, paths: Mapping[str, str | None]) -> None:
-    """Joins or starts the cluster (``init_ray``), then refuses the job's local ``paths`` if the cluster
-    spans nodes: the check every job makes before its first task."""
-    init_ray(ray_config)
-    require_shared_paths(cluster_capacity(), paths, storage.shared_filesystem)

@@ -7,9 +7,11 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
-from raypipe.config import RayConfig
+from raypipe.config import RayConfig, StorageConfig
+from raypipe.pipeline.capacity import cluster_capacity, execution_defaults, require_shared_paths
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +71,21 @@ def init_ray(cfg: RayConfig) -> None:
             ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
         resources = ray.cluster_resources()
         log.info("Ray cluster: %s CPUs, %s GPUs", resources.get("CPU", 0), resources.get("GPU", 0))
+    derived = execution_defaults(cluster_capacity())
+    reader_v2 = derived["parquet_reader_v2"] if cfg.parquet_reader_v2 is None else cfg.parquet_reader_v2
+    reserve = derived["reserve_per_operator"] if cfg.reserve_per_operator is None else cfg.reserve_per_operator
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars and os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") != "1"
     ctx.target_max_block_size = cfg.block_mib << 20
-    ctx.use_datasource_v2 = cfg.parquet_reader_v2
+    ctx.use_datasource_v2 = reader_v2
     # Ray Data holds a stage back for its object-store budget only through its resource allocator, the
     # same part that reserves resources per operator: with the reservation off and a budget set, the
     # allocator runs with a reservation ratio of 0 (each operator keeps only what one task needs), so
     # the budget is enforced without splitting the CPUs up front. Every field is set on every call: the
     # context outlives a job in a long-lived driver (a notebook, the tests).
     budget = cfg.object_store_mib is not None
-    ctx.op_resource_reservation_enabled = cfg.reserve_per_operator or budget
-    ctx.op_resource_reservation_ratio = DEFAULT_OP_RESOURCE_RESERVATION_RATIO if cfg.reserve_per_operator else 0.0
+    ctx.op_resource_reservation_enabled = reserve or budget
+    ctx.op_resource_reservation_ratio = DEFAULT_OP_RESOURCE_RESERVATION_RATIO if reserve else 0.0
     limits = ctx.execution_options.resource_limits
     ctx.execution_options.resource_limits = limits.copy(
         object_store_memory=cfg.object_store_mib << 20 if budget else float("inf")
@@ -104,8 +109,8 @@ def wait_for_free_cpus(timeout_s: float = 10.0) -> None:
         time.sleep(0.05)  # a poll of the resource view, bounded by the deadline
 
 
-def say(line: str) -> None:
-    """One progress line on the driver's console. Written to stdout directly: Ray Train patches
-    print() to log through the root logger, which shows every line twice."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+def start_cluster(ray_config: RayConfig, storage: StorageConfig, paths: Mapping[str, str | None]) -> None:
+    """Joins or starts the cluster (``init_ray``), then refuses the job's local ``paths`` if the cluster
+    spans nodes: the check every job makes before its first task."""
+    init_ray(ray_config)
+    require_shared_paths(cluster_capacity(), paths, storage.shared_filesystem)

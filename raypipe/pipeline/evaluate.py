@@ -14,7 +14,8 @@ from raypipe.config import DataSections, EvaluateConfig, ImageConfig, TextConfig
 from raypipe.errors import UserError
 from raypipe.io import fs as rfs
 from raypipe.metrics import confusion_matrix, per_class, summary
-from raypipe.pipeline.capacity import predictor_pool, start_cluster
+from raypipe.pipeline.capacity import predictor_pool
+from raypipe.pipeline.cluster import start_cluster
 from raypipe.pipeline.predict import PREDICTED_ID, BundlePredictor
 from raypipe.pipeline.prepare import PreparedOutput, input_paths, plan_prepare, prepared_dataset
 from raypipe.transforms.split import rows_of_split

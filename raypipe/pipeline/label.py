@@ -45,8 +45,9 @@ from raypipe.io import fs as rfs
 from raypipe.io.readers import InputPlan, plan_inputs, read_pairs
 from raypipe.io.tar import tar_members, tar_samples
 from raypipe.pipeline import predict
-from raypipe.pipeline.capacity import predictor_pool, start_cluster
-from raypipe.pipeline.cluster import say
+from raypipe.console import say
+from raypipe.pipeline.capacity import predictor_pool
+from raypipe.pipeline.cluster import start_cluster
 from raypipe.pipeline.label_writer import (
     COUNT_OK, COUNT_ROWS, LabelError, PartWriter, output_names, output_schema, strip_scheme,
 )

@@ -33,8 +33,7 @@ from raypipe.config import DEFAULT_SAMPLE_DIR, DataConfig, DataSections, Prepare
 from raypipe.errors import UserError
 from raypipe.io import fs as rfs
 from raypipe.io.readers import InputPlan, SidecarJoin, plan_inputs, read_pairs, read_sidecar
-from raypipe.pipeline.capacity import start_cluster
-from raypipe.pipeline.cluster import wait_for_free_cpus
+from raypipe.pipeline.cluster import start_cluster, wait_for_free_cpus
 from raypipe.schema import Status
 from raypipe.transforms.image import ImageOptions, pixels_as_bytes, unpack_images
 from raypipe.transforms.labels import COYO_LABELS, COYO_PROBS, LabelRule

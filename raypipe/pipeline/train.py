@@ -27,8 +27,9 @@ from raypipe.errors import UserError
 from raypipe.io import fs as rfs
 from raypipe.metrics import summary
 from raypipe.model import FusionClassifier, ModelConfig
-from raypipe.pipeline.capacity import cluster_capacity, plan_worker_resources, start_cluster, wait_for_resources
-from raypipe.pipeline.cluster import say, wait_for_free_cpus
+from raypipe.console import say
+from raypipe.pipeline.capacity import cluster_capacity, plan_worker_resources, wait_for_resources
+from raypipe.pipeline.cluster import start_cluster, wait_for_free_cpus
 from raypipe.pipeline.prepare import (
     PreparedOutput, build_vocab_and_classes, input_paths, plan_prepare, prepared_dataset,
 )

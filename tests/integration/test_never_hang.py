@@ -12,9 +12,9 @@ import pytest
 from tiny import PAIR_COLUMNS, write_bundle, write_pairs
 
 from raypipe.config import LabelJobConfig, TrainConfig, load_config
-from raypipe.pipeline.evaluate import EvaluateError
+from raypipe.pipeline.capacity import CapacityError
 from raypipe.pipeline.label import run_label
-from raypipe.pipeline.train import TrainError, run_train
+from raypipe.pipeline.train import run_train
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -38,23 +38,23 @@ def assert_refused_quickly(run, config_type, error, message: str, args: list[str
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["predict.use_gpu=true"], r"predict.use_gpu=true asks for .* one GPU each; the cluster has no GPU \(4 CPUs\)"),
+    (["predict.use_gpu=true"], r"predict.use_gpu=true asks for .* one GPU each; the cluster can have no GPU \(1 node\(s\) up with \{CPU: 4\}, no autoscaler\)"),
     (["predict.use_gpu=false", "predict.max_actors=100"],
      r"predict.max_actors=100 CPU predictor actors .* 3 CPU\(s\) left .* 4-CPU cluster .* at most 30"),
 ], ids=["gpu-without-gpus", "too-many-cpu-actors"])
 def test_a_label_pool_that_cannot_run_is_refused(inputs, tmp_path, overrides, message):
     pairs, bundle = inputs
-    assert_refused_quickly(run_label, LabelJobConfig, EvaluateError, message, [
+    assert_refused_quickly(run_label, LabelJobConfig, CapacityError, message, [
         f"data.input={pairs}", *PAIR_COLUMNS, f"bundle={bundle}", f"output={tmp_path / 'labels'}", *overrides])
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["scaling.use_gpu=true"], r"asks for 1 GPU worker\(s\); the cluster has 0 GPU\(s\)"),
+    (["scaling.use_gpu=true"], r"asks for 1 GPU worker\(s\); the cluster can have 0 GPU\(s\)"),
     (["scaling.num_workers=4", "scaling.cpus_per_worker=1"],
      r"4 worker\(s\) x 1 CPU leaves no CPU for data loading on a cluster with 4 CPUs"),
 ], ids=["gpu-without-gpus", "every-cpu-taken"])
 def test_training_workers_that_cannot_be_placed_are_refused(inputs, tmp_path, overrides, message):
     pairs, _ = inputs
-    assert_refused_quickly(run_train, TrainConfig, TrainError, message, [
+    assert_refused_quickly(run_train, TrainConfig, CapacityError, message, [
         f"data.input={pairs}", *PAIR_COLUMNS, "text.lemmatize=false", f"run.storage_path={tmp_path / 'runs'}",
         "ray.progress_bars=false", *overrides])

@@ -9,7 +9,7 @@ import pytest
 from raypipe.config import EvaluateConfig, LabelJobConfig, TrainConfig, load_config
 from raypipe.pipeline.capacity import (
     UNBOUNDED_ACTORS, Capacity, CapacityError, NodeType, first_work, plan_worker_resources, predictor_compute,
-    require_shared_paths,
+    execution_defaults, require_shared_paths,
 )
 
 
@@ -107,3 +107,32 @@ def test_local_paths_are_refused_on_a_cluster_of_many_nodes_unless_shared():
         require_shared_paths(Capacity(({"CPU": 1.0}, {"CPU": 1.0})), {"output": "file:///x"}, shared_filesystem=False)
     require_shared_paths(AUTOSCALING, paths, shared_filesystem=True)
     require_shared_paths(AUTOSCALING, {**paths, "output": "s3://bucket/prepared"}, shared_filesystem=False)
+
+
+# The three shapes docs/cluster.md gives the defaults for ("Defaults from the cluster").
+TWO_CORES = one_machine(CPU=2.0)
+ONE_32_CORE_NODE = one_machine(CPU=32.0)
+TEN_4_GPU_NODES = Capacity(
+    ({"CPU": 0.0},), (NodeType("head", {"CPU": 0.0}, 1), NodeType("gpu", {"CPU": 48.0, "GPU": 4.0}, 10))
+)
+
+
+@pytest.mark.parametrize(
+    "capacity, data_defaults, label_pool, train_workers",
+    [
+        (TWO_CORES, False, ("fixed", 2, 2, {"num_cpus": 0.5}), {"CPU": 1.0}),
+        (ONE_32_CORE_NODE, True, ("fixed", 31, 31, {"num_cpus": 0.9}), {"CPU": 1.0}),
+        (TEN_4_GPU_NODES, True, ("autoscaling", 1, 40, {"num_gpus": 1}), {"CPU": 1.0, "GPU": 1}),
+    ],
+    ids=["2 cores", "one 32-core node", "10 x 4-GPU nodes"],
+)
+def test_defaults_follow_the_cluster(capacity, data_defaults, label_pool, train_workers):
+    assert execution_defaults(capacity) == {"parquet_reader_v2": data_defaults, "reserve_per_operator": data_defaults}
+    use_gpu = capacity.most("GPU") > 0  # the label job's default
+    compute = predictor_compute(label_predict(f"predict.use_gpu={str(use_gpu).lower()}"), capacity, 0.9)
+    kind, least, most, per_actor = label_pool
+    assert (compute["compute"].min_size, compute["compute"].max_size) == (least, most)
+    assert (kind == "autoscaling") == capacity.autoscales
+    assert {k: compute[k] for k in per_actor} == per_actor
+    workers = [] if not use_gpu else ["scaling.use_gpu=true", "scaling.num_workers=40"]
+    assert plan_worker_resources(load_config(TrainConfig, None, workers).scaling, capacity) == train_workers
