@@ -163,7 +163,7 @@ def single_process_prepare(files: list[Path], batch_size: int) -> dict:
                 yield normalize_table(batch, columns)
 
     split = SplitRule(cfg.split.val_fraction, cfg.split.salt)
-    normalizer = TextNormalizer(cfg.text.options())
+    normalizer = TextNormalizer(cfg.text)
     rule = LabelRule("column", (), "label", cfg.labels.min_prob)
     tokens, labels = Counter(), Counter()
     with timed() as t1:
@@ -174,7 +174,7 @@ def single_process_prepare(files: list[Path], batch_size: int) -> dict:
     vocab = Vocabulary.from_counts(tokens, cfg.vocab.min_freq, cfg.vocab.max_size)
     classes = tuple(sorted(labels))
     preparer = PairPreparer(
-        cfg.image.options(), cfg.text.options(), vocab.token_to_id, LabelRule("column", classes, "label"), split
+        cfg.image, cfg.text, vocab.token_to_id, LabelRule("column", classes, "label"), split
     )
     rows = images = 0
     with timed() as t2:

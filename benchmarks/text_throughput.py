@@ -16,7 +16,7 @@ Measured in this one process, single thread, no Ray, on the same captions:
    truncated to max_len, a plain loop.
 2. pipeline: what ``PairPreparer`` (the prepare job's second pass) runs on each batch of
    ``--batch-size`` rows (``ray.batch_size``, a numpy object column): ``TextNormalizer`` with
-   ``TextConfig()``'s options (clean, tokenize, WordNet lemmatize) per caption, then
+   ``TextOptions()`` (clean, tokenize, WordNet lemmatize) per caption, then
    ``encode_tokens`` with a vocabulary counted on the pipeline's tokens (``VocabConfig()``'s
    min_freq / max_size).
    * cold: the first pass of a process (every per-process cache of raypipe.transforms.text
@@ -247,7 +247,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from raypipe.config import RayConfig, TextConfig, VocabConfig
+    from raypipe.config import RayConfig, VocabConfig
+    from raypipe.transforms.text import TextOptions
     from raypipe.transforms.text import TextNormalizer, _patterns, _tables
     from raypipe.transforms.vocab import Vocabulary, count_tokens
 
@@ -255,7 +256,7 @@ def main(argv=None) -> int:
     if machine["load_average_at_start"] and machine["load_average_at_start"][0] > 0.5:
         print(f"note: load average {machine['load_average_at_start']} at start; other work may skew the figures")
     batch_size = args.batch_size or RayConfig().batch_size
-    text_options, vocab_config = TextConfig().options(), VocabConfig()
+    text_options, vocab_config = TextOptions(), VocabConfig()
     max_len = text_options.max_len
 
     with timed() as t_gen:
@@ -321,7 +322,7 @@ def main(argv=None) -> int:
     results = {
         "summary": line,
         "params": {"captions": args.captions, "repeats": args.repeats, "batch_size": batch_size, "seed": args.seed,
-                   "text_options": text_options.to_dict(), "vocab": vocab_config.model_dump(),
+                   "text_options": text_options.model_dump(), "vocab": vocab_config.model_dump(),
                    "zipf_exponent": ZIPF_EXPONENT},
         "inputs": inputs,
         "floor": floor,

@@ -14,7 +14,7 @@ import hashlib
 import io
 import json
 import pickle
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -65,8 +65,8 @@ def save_bundle(url: str, storage: StorageConfig, bundle: Bundle) -> str:
     config = {
         "format_version": FORMAT_VERSION,
         "model": bundle.model_config.to_dict(),
-        "image": asdict(bundle.image),
-        "text": bundle.text.to_dict(),
+        "image": bundle.image.model_dump(),
+        "text": bundle.text.model_dump(),
     }
     rfs.write_bytes(loc.join(WEIGHTS), weights)
     rfs.write_text(loc.join(CONFIG), json.dumps(config, indent=1))
@@ -100,8 +100,8 @@ def load_bundle(url: str, storage: StorageConfig) -> Bundle:
         state_dict = _load_weights(weights, loc.join(WEIGHTS).url)
         return Bundle(
             model_config=ModelConfig.from_dict(config["model"]),
-            image=ImageOptions(**config["image"]),
-            text=TextOptions.from_dict(config["text"]),
+            image=ImageOptions.model_validate(config["image"]),
+            text=TextOptions.model_validate(config["text"]),
             vocab=Vocabulary.from_json(rfs.read_text(loc.join(VOCAB))),
             classes=tuple(json.loads(rfs.read_text(loc.join(CLASSES)))),
             state_dict=state_dict,

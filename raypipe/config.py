@@ -189,31 +189,6 @@ class LabelConfig(Section):
         return self
 
 
-class ImageConfig(Section):
-    size: int = Field(64, ge=8, le=1024, description="Images are resized to size x size RGB (the paper: 64).")
-    resize_mode: Literal["stretch", "center_crop", "pad"] = Field(
-        "stretch", description="stretch: plain resize (the paper); center_crop: fill then crop; pad: fit, pad white."
-    )
-    max_pixels: int = Field(
-        40_000_000, gt=0, description="Refuse images declaring more pixels than this (decompression-bomb guard)."
-    )
-    min_side: int = Field(1, ge=1, description="Refuse images whose shorter side is smaller than this.")
-
-    def options(self) -> ImageOptions:
-        return ImageOptions(**self.model_dump())
-
-
-class TextConfig(Section):
-    max_len: int = Field(32, ge=1, le=4096, description="Tokens kept per text; shorter texts are padded with 0.")
-    lemmatize: bool = Field(True, description="WordNet lemmatization, verb then noun (swam -> swim, mice -> mouse).")
-    stem: bool = Field(False, description="Snowball (Porter2) English stemming after lemmatization (the paper stems and lemmatizes).")
-    remove_stopwords: bool = Field(False, description="Drop English stop words (the project's own list).")
-    min_token_length: int = Field(1, ge=1, description="Drop tokens shorter than this many characters.")
-
-    def options(self) -> TextOptions:
-        return TextOptions(**self.model_dump())
-
-
 class VocabConfig(Section):
     min_freq: int = Field(2, ge=1, description="Keep tokens seen at least this often in the training split.")
     max_size: int = Field(20_000, ge=3, description="At most this many ids, including padding (0) and unknown (1).")
@@ -298,8 +273,8 @@ class ReadSections(Section):
 class DataSections(ReadSections):
     """Reading plus how to preprocess: the jobs that decide the preprocessing (prepare, train)."""
 
-    image: ImageConfig = Field(default_factory=ImageConfig, description="Image preprocessing.")
-    text: TextConfig = Field(default_factory=TextConfig, description="Text preprocessing.")
+    image: ImageOptions = Field(default_factory=ImageOptions, description="Image preprocessing.")
+    text: TextOptions = Field(default_factory=TextOptions, description="Text preprocessing.")
     vocab: VocabConfig = Field(default_factory=VocabConfig, description="Vocabulary built from the training split.")
 
 
@@ -326,7 +301,26 @@ INGEST_OUTPUT_COLUMNS = (
 )
 
 
-class IngestConfig(Section):
+class EncodeOptions(Section):
+    """How ingest re-encodes each image: part of the ingest config, and what ``encode_image`` reads."""
+
+    jpeg_quality: int = Field(
+        95, ge=1, le=100, description="JPEG quality of the re-encoded images (img2dataset's encode_quality)."
+    )
+    max_side: int | None = Field(
+        384,
+        ge=8,
+        description="Downscale so the longer side is at most this, keeping the aspect ratio; never upscale "
+        "(img2dataset's resize_mode=keep_ratio_largest with resize_only_if_bigger). null: keep the original size.",
+    )
+    max_pixels: int = Field(
+        40_000_000,
+        gt=0,
+        description="Refuse images (and SVG drawings) declaring more pixels than this (decompression-bomb guard).",
+    )
+
+
+class IngestConfig(EncodeOptions):
     """jobs/ingest.py: a manifest of the user's own labeled pairs (image path or URL, text, label) ->
     shards in img2dataset's Parquet format, ready for jobs/prepare.py."""
 
@@ -367,16 +361,6 @@ class IngestConfig(Section):
     )
     overwrite: bool = Field(False, description="Replace shards already in `output` instead of refusing to touch them.")
     shard_size: int = Field(10_000, ge=1, description="Rows per shard (img2dataset's number_sample_per_shard).")
-    jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of the re-encoded images (img2dataset's encode_quality).")
-    max_side: int | None = Field(
-        384,
-        ge=8,
-        description="Downscale so the longer side is at most this, keeping the aspect ratio; never upscale "
-        "(img2dataset's resize_mode=keep_ratio_largest with resize_only_if_bigger). null: keep the original size.",
-    )
-    max_pixels: int = Field(
-        40_000_000, gt=0, description="Refuse images (and SVG drawings) declaring more pixels than this (decompression-bomb guard)."
-    )
     timeout_s: float = Field(10.0, gt=0, description="Seconds to wait for one http(s) image download (img2dataset's timeout).")
     fetch_threads: int = Field(16, ge=1, le=256, description="Concurrent image reads per shard (img2dataset's thread_count).")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Object-store settings.")

@@ -47,7 +47,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from raypipe.config import IngestConfig, StorageConfig
+from raypipe.config import EncodeOptions, IngestConfig, StorageConfig
 from raypipe.io import fs as rfs
 from raypipe.sample import PARQUET_ROW_GROUP, PARQUET_SCHEMA, compute_key, shard_name
 from raypipe.transforms.image import (
@@ -92,13 +92,6 @@ class RowError(Exception):
     def __init__(self, status: str, message: str):
         super().__init__(status, message)  # both in args, so the exception pickles
         self.status, self.message = status, message
-
-
-@dataclass(frozen=True)
-class EncodeOptions:
-    max_side: int | None = 384
-    jpeg_quality: int = 95
-    max_pixels: int = 40_000_000
 
 
 @dataclass(frozen=True)
@@ -602,7 +595,7 @@ def run_ingest(cfg: IngestConfig) -> dict:
     log.info("ingesting %d manifest rows into %d shard(s) at %s", manifest.num_rows, len(slices), output.url)
     init_ray(cfg.ray)
     items = [{"shard_id": shard_id, "rows": _table_to_ipc(rows)} for shard_id, rows in slices]
-    opts = EncodeOptions(cfg.max_side, cfg.jpeg_quality, cfg.max_pixels)
+    opts = EncodeOptions(**cfg.model_dump(include=set(EncodeOptions.model_fields)))  # what the tasks need of cfg
     results = (
         ray.data.from_items(items, override_num_blocks=len(items))
         .map(_ingest_item, fn_args=(cfg.output, cfg.storage, opts, cfg.timeout_s, cfg.fetch_threads))

@@ -10,7 +10,7 @@ import numpy as np
 
 from raypipe import plots, schema
 from raypipe.bundle import load_bundle
-from raypipe.config import DataSections, EvaluateConfig, ImageConfig, TextConfig
+from raypipe.config import DataSections, EvaluateConfig
 from raypipe.errors import UserError
 from raypipe.io import fs as rfs
 from raypipe.metrics import confusion_matrix, per_class, summary
@@ -47,8 +47,8 @@ def _rows_to_evaluate(cfg: EvaluateConfig, bundle):
     sections = DataSections(
         data=cfg.data,
         labels=cfg.labels.model_copy(update={"classes": list(bundle.classes)}),
-        image=ImageConfig(**vars(bundle.image)),
-        text=TextConfig(**bundle.text.to_dict()),
+        image=bundle.image,
+        text=bundle.text,
         split=cfg.split,
         storage=cfg.storage,
         ray=cfg.ray,

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -134,7 +134,7 @@ def build_vocab_and_classes(plan: PreparePlan) -> tuple[Vocabulary, tuple[str, .
     cfg = plan.cfg
     configured = tuple(cfg.labels.classes or ())
     counts = plan.pairs(
-        (partial(count_batch, normalizer=TextNormalizer(cfg.text.options()), label_rule=plan.label_rule(configured),
+        (partial(count_batch, normalizer=TextNormalizer(cfg.text), label_rule=plan.label_rule(configured),
                  split=plan.split),),
         with_images=False,
     )
@@ -153,7 +153,7 @@ def prepared_dataset(plan: PreparePlan, vocab: Vocabulary, classes: tuple[str, .
     """Pass 2, lazily: every input row as a prepared row (status != ok rows included)."""
     cfg = plan.cfg
     preparer = PairPreparer(
-        cfg.image.options(), cfg.text.options(), vocab.token_to_id, plan.label_rule(classes), plan.split
+        cfg.image, cfg.text, vocab.token_to_id, plan.label_rule(classes), plan.split
     )
     keep = [schema.KEY, schema.IMAGE, schema.TOKENS, schema.LENGTH, schema.LABEL, schema.LABEL_ID, schema.SPLIT,
             schema.SOURCE, schema.STATUS, schema.ERROR_MESSAGE, *cfg.data.keep_columns]
@@ -178,8 +178,8 @@ class PreparedOutput:
             root,
             Vocabulary.from_json(rfs.read_text(root.join(VOCAB_FILE))),
             tuple(json.loads(rfs.read_text(root.join(CLASSES_FILE)))),
-            ImageOptions(**settings["image"]),
-            TextOptions.from_dict(settings["text"]),
+            ImageOptions.model_validate(settings["image"]),
+            TextOptions.model_validate(settings["text"]),
             json.loads(rfs.read_text(root.join(STATS_FILE))),
         )
 
@@ -190,7 +190,8 @@ class PreparedOutput:
             found.append(f"another vocabulary ({len(self.vocab)} tokens here, {len(vocab)} expected)")
         if self.classes != tuple(classes):
             found.append(f"other classes ({list(self.classes)} here, {list(classes)} expected)")
-        for section, here, expected in (("image", asdict(self.image), asdict(image)), ("text", self.text.to_dict(), text.to_dict())):
+        for section, here_options, expected_options in (("image", self.image, image), ("text", self.text, text)):
+            here, expected = here_options.model_dump(), expected_options.model_dump()
             found += [f"{section}.{k}={here.get(k)!r} (expected {v!r})" for k, v in expected.items() if here.get(k) != v]
         return found
 

@@ -79,7 +79,7 @@ def load_training_data(cfg: TrainConfig) -> TrainingData:
         start_cluster(cfg.ray, cfg.storage, {**input_paths(cfg), "run.storage_path": cfg.run.storage_path})
         vocab, classes, label_counts = build_vocab_and_classes(plan)
         train, val = _split_datasets(prepared_dataset(plan, vocab, classes))
-        return TrainingData(train, val, vocab, classes, cfg.image.options(), cfg.text.options(), label_counts)
+        return TrainingData(train, val, vocab, classes, cfg.image, cfg.text, label_counts)
 
     prepared = PreparedOutput.open(rfs.resolve(cfg.prepared, cfg.storage))
     if not prepared.classes:

@@ -10,17 +10,17 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import pyarrow as pa
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
 
 from raypipe import schema
 from raypipe.schema import Status
 
-RESIZE_MODES = ("stretch", "center_crop", "pad")
 # Only the formats we mean to read: Pillow's other plugins include EPS, which runs Ghostscript.
 FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 WHITE = (255, 255, 255)
@@ -46,20 +46,23 @@ EXIF_HEADER = b"Exif\x00\x00"
 APP_SEGMENT_MAX = 65_536  # an EXIF (APP1) segment starts within the first 64 KiB of a JPEG
 
 
-@dataclass(frozen=True)
-class ImageOptions:
-    size: int = 64  # output is uint8[size, size, 3]
-    # stretch: plain resize to size x size (the paper); center_crop: scale the short side to size and
-    # crop the centre; pad: keep the aspect ratio and pad with white.
-    resize_mode: str = "stretch"
-    max_pixels: int = 40_000_000  # decompression-bomb guard, checked on the declared size before decoding
-    min_side: int = 1  # refuse images whose shorter side is below this
+class ImageOptions(BaseModel):
+    """How images are decoded and resized: the ``image`` section of the prepare and train configs as it
+    is, stored in the model bundle so labeling preprocesses exactly as training did."""
 
-    def __post_init__(self) -> None:
-        if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
-        if self.size < 1 or self.max_pixels < 1 or self.min_side < 1:
-            raise ValueError(f"size, max_pixels and min_side must be >= 1: {self}")
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: int = Field(64, ge=8, le=1024, description="Images are resized to size x size RGB (the paper: 64).")
+    resize_mode: Literal["stretch", "center_crop", "pad"] = Field(
+        "stretch", description="stretch: plain resize (the paper); center_crop: fill then crop; pad: fit, pad white."
+    )
+    max_pixels: int = Field(
+        40_000_000, gt=0, description="Refuse images declaring more pixels than this (decompression-bomb guard)."
+    )
+    min_side: int = Field(1, ge=1, description="Refuse images whose shorter side is smaller than this.")
+
+
+RESIZE_MODES = get_args(ImageOptions.model_fields["resize_mode"].annotation)
 
 
 class ImageError(Exception):

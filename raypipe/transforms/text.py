@@ -41,9 +41,9 @@ import re
 import sys
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from raypipe.errors import UserError
 from raypipe.transforms.stopwords import ENGLISH_STOPWORDS
@@ -66,36 +66,19 @@ __all__ = [
 # Options
 
 
-@dataclass(frozen=True)
-class TextOptions:
-    """Text pipeline settings; stored in the model bundle's config.json (``to_dict``)."""
+class TextOptions(BaseModel):
+    """How texts become token ids: the ``text`` section of the prepare and train configs as it is,
+    stored in the model bundle so labeling preprocesses exactly as training did."""
 
-    max_len: int = 32  # tokens kept per text (pad/truncate to this)
-    lemmatize: bool = True  # WordNet morphy, POS 'v' then 'n'
-    stem: bool = False  # Snowball English (Porter2) stemmer, after lemmatization
-    remove_stopwords: bool = False  # raypipe.transforms.stopwords.ENGLISH_STOPWORDS
-    min_token_length: int = 1  # drop shorter tokens (2 drops single letters)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def __post_init__(self) -> None:
-        if isinstance(self.max_len, bool) or not isinstance(self.max_len, int) or self.max_len < 1:
-            raise ValueError(f"max_len must be an int >= 1, got {self.max_len!r}")
-        if (
-            isinstance(self.min_token_length, bool)
-            or not isinstance(self.min_token_length, int)
-            or self.min_token_length < 1
-        ):
-            raise ValueError(f"min_token_length must be an int >= 1, got {self.min_token_length!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> TextOptions:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown text options: {sorted(unknown)}")
-        return cls(**dict(data))
+    max_len: int = Field(32, ge=1, le=4096, description="Tokens kept per text; shorter texts are padded with 0.")
+    lemmatize: bool = Field(True, description="WordNet lemmatization, verb then noun (swam -> swim, mice -> mouse).")
+    stem: bool = Field(
+        False, description="Snowball (Porter2) English stemming after lemmatization (the paper stems and lemmatizes)."
+    )
+    remove_stopwords: bool = Field(False, description="Drop English stop words (the project's own list).")
+    min_token_length: int = Field(1, ge=1, description="Drop tokens shorter than this many characters.")
 
 
 # ---------------------------------------------------------------------------------------------

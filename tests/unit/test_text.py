@@ -408,14 +408,14 @@ def test_stopwords_and_min_token_length():
 
 
 def test_options_validation_and_round_trip():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"max_len\n  Input should be greater than or equal to 1"):
         TextOptions(max_len=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"min_token_length\n  Input should be greater than or equal to 1"):
         TextOptions(min_token_length=0)
-    with pytest.raises(ValueError):
-        TextOptions.from_dict({"max_len": 8, "lowercase": True})
+    with pytest.raises(ValueError, match=r"lowercase\n  Extra inputs are not permitted"):
+        TextOptions.model_validate({"max_len": 8, "lowercase": True})
     opts = TextOptions(max_len=16, stem=True, remove_stopwords=True, min_token_length=2)
-    assert TextOptions.from_dict(json.loads(json.dumps(opts.to_dict()))) == opts
+    assert TextOptions.model_validate(json.loads(json.dumps(opts.model_dump()))) == opts
 
 
 def test_normalizer_pickles():
