@@ -60,26 +60,32 @@ def test_the_launcher_validation_accepts_cluster_yaml(prepared):
 
 
 @pytest.mark.parametrize(
-    "mutate",
+    "mutate, match",
     [
-        pytest.param(lambda c: c.update(max_worker=c.pop("max_workers")), id="top-level max_worker"),
+        pytest.param(lambda c: c.update(max_worker=c.pop("max_workers")), "'max_worker' was unexpected",
+                     id="top-level max_worker"),
         pytest.param(lambda c: c["available_node_types"]["raypipe.gpu"].update(
-            max_worker=c["available_node_types"]["raypipe.gpu"].pop("max_workers")), id="node-type max_worker"),
+            max_worker=c["available_node_types"]["raypipe.gpu"].pop("max_workers")), "'max_worker' was unexpected",
+            id="node-type max_worker"),
         pytest.param(lambda c: c["available_node_types"]["raypipe.gpu"]["resources"].update(GPU="1"),
-                     id="resource count as a string"),
-        pytest.param(lambda c: c.update(idle_timeout_minutes="ten"), id="idle_timeout_minutes not a number"),
-        pytest.param(lambda c: c["provider"]["security_group"].update(IpPermission=[]), id="security_group typo"),
-        pytest.param(lambda c: c["auth"].update(ssh_usr="ubuntu"), id="auth typo"),
-        pytest.param(lambda c: c.update(worker_start_ray_commands="ray start"), id="commands not a list"),
-        pytest.param(lambda c: c.update(head_node_type="raypipe.headd"), id="unknown head node type"),
+                     "'1' is not of type 'integer'", id="resource count as a string"),
+        pytest.param(lambda c: c.update(idle_timeout_minutes="ten"), "'ten' is not of type 'number'",
+                     id="idle_timeout_minutes not a number"),
+        pytest.param(lambda c: c["provider"]["security_group"].update(IpPermission=[]),
+                     "'IpPermission' was unexpected", id="security_group typo"),
+        pytest.param(lambda c: c["auth"].update(ssh_usr="ubuntu"), "'ssh_usr' was unexpected", id="auth typo"),
+        pytest.param(lambda c: c.update(worker_start_ray_commands="ray start"), "'ray start' is not of type 'array'",
+                     id="commands not a list"),
+        pytest.param(lambda c: c.update(head_node_type="raypipe.headd"),
+                     "`head_node_type` must be one of `available_node_types`", id="unknown head node type"),
     ],
 )
-def test_the_launcher_validation_rejects_a_broken_copy(raw, mutate):
+def test_the_launcher_validation_rejects_a_broken_copy(raw, mutate, match):
     import jsonschema
 
     broken = copy.deepcopy(raw)
     mutate(broken)
-    with pytest.raises((jsonschema.ValidationError, ValueError)):
+    with pytest.raises((jsonschema.ValidationError, ValueError), match=re.escape(match)):
         launcher_validate(broken)
 
 

@@ -245,18 +245,20 @@ def test_cli(tmp_path, capsys):
     assert not (tmp_path / "webdataset").exists()
     row = next(r for r in pq.read_table(tmp_path / "parquet" / "00000.parquet").to_pylist() if r["jpg"])
     assert Image.open(io.BytesIO(row["jpg"])).size == (40, 30)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^2$"):  # argparse's exit status for a usage error
         sample.main([str(tmp_path), "--image-size", "640by480"])
-    with pytest.raises(SystemExit):
+    assert "argument --image-size: expected WIDTHxHEIGHT" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="^2$"):
         sample.main([str(tmp_path), "--formats", "tfrecord"])
+    assert "argument --formats: formats must be a comma-separated subset" in capsys.readouterr().err
 
 
 def test_spec_validation():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"shard_size must be >= 1, got 0"):
         SampleSpec(shard_size=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"failed_fraction must be in \[0, 1\], got 1.5"):
         SampleSpec(failed_fraction=1.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"formats must be a non-empty subset .* got \('files',\)"):
         write_sample("/tmp/never-written", SampleSpec(num_pairs=1), formats=("files",))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import socket
 import subprocess
 import sys
@@ -90,11 +91,10 @@ def test_a_store_that_is_down_for_good_fails_within_seconds_naming_the_url(job, 
     args, plan = PLANS[job]
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
-    with pytest.raises(StorageError) as e:
+    with pytest.raises(StorageError, match=f"s3://{store}/.*{re.escape(endpoint)} does not answer") as e:
         plan(args(store, f"storage.endpoint_url={endpoint}"))
     assert time.monotonic() - started < ERROR_WITHIN_S
     message = str(e.value)
-    assert f"s3://{store}/" in message and endpoint in message and "does not answer" in message
     assert "6 attempt(s)" in message  # storage.retries=5 retries
 
 
@@ -176,10 +176,10 @@ def test_wrong_credentials_are_refused_at_once(checked_store, monkeypatch):
     for name, value in (("AWS_SECRET_ACCESS_KEY", "not-the-secret"), ("AWS_ACCESS_KEY_ID", "AKIANOSUCHKEY")):
         monkeypatch.setenv(name, value)
         started = time.monotonic()
-        with pytest.raises(StorageError) as e:
+        with pytest.raises(StorageError, match="cannot access s3://checked/pairs: access denied") as e:
             plan_prepare_job([*prepare_args("checked"), f"storage.endpoint_url={endpoint}"])
         assert time.monotonic() - started < ERROR_WITHIN_S
-        assert "cannot access s3://checked/pairs: access denied" in str(e.value) and "credentials" in str(e.value)
+        assert "credentials" in str(e.value)
         assert value not in str(e.value)
 
 
@@ -222,9 +222,8 @@ def test_an_error_raised_inside_a_ray_task_is_shown_without_the_remote_stack_tra
     def main():
         raise wrapped.as_instanceof_cause()
 
-    with pytest.raises(SystemExit) as exit_code:
+    with pytest.raises(SystemExit, match="^2$"):  # the exit status of a UserError
         run_job(main)
-    assert exit_code.value.code == 2
     assert capsys.readouterr().err == f"error: {remote}\n"
-    with pytest.raises(ZeroDivisionError):  # an unexpected error keeps its stack trace
+    with pytest.raises(ZeroDivisionError, match="division by zero"):  # an unexpected error keeps its stack trace
         run_job(lambda: 1 / 0)
