@@ -8,7 +8,7 @@ Measures, in one process tree:
    libjpeg-turbo through simplejpeg with its fastest DCT and upsampling, straight to RGB numpy at the
    smallest DCT scale that keeps 64x64 -> Pillow resize BILINEAR 64x64), images/s on one core, best of
    ``--floor-repeats`` before the job runs and again after them (the faster is the denominator); the
-   Pillow-only loop of sessions 1-5 (Image.open -> draft -> convert RGB -> resize) for reference; the same
+   Pillow-only loop (Image.open -> draft -> convert RGB -> resize) for reference; the same
    loop with raypipe's ``load_rgb``; and the whole per-row work of both passes of ``prepare``
    (``count_batch``, ``PairPreparer``: labels, split, image, text) still in one process.
 2. the prepare job: ``ray.init`` (timed on its own), then ``run_prepare`` on the Parquet shards

@@ -28,8 +28,8 @@ def test_a_prepared_output_reads_back_the_settings_it_was_made_with(tmp_path):
 
 
 def test_every_setting_a_model_would_not_expect_is_named(tmp_path):
-    """What evaluate checks before it feeds prepared rows to a bundle's model (it used to check only
-    the vocabulary: other classes silently scrambled the confusion matrix)."""
+    """What evaluate checks before it feeds prepared rows to a bundle's model: all of it, not only the
+    vocabulary (other classes would silently scramble the confusion matrix)."""
     prepared = _prepared(
         tmp_path, ["image.size=32", "text.max_len=16"], Vocabulary.from_counts({"cat": 1}), ("dog", "cat")
     )
