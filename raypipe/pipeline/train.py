@@ -22,12 +22,12 @@ import torch
 
 from raypipe import schema
 from raypipe.bundle import Bundle, save_bundle
-from raypipe.config import TrainConfig, dump_config
+from raypipe.console import say
+from raypipe.config import OptimSection, TrainConfig, dump_config
 from raypipe.errors import UserError
 from raypipe.io import fs as rfs
 from raypipe.metrics import summary
 from raypipe.model import FusionClassifier, ModelConfig
-from raypipe.console import say
 from raypipe.pipeline.capacity import cluster_capacity, plan_worker_resources, wait_for_resources
 from raypipe.pipeline.cluster import start_cluster, wait_for_free_cpus
 from raypipe.pipeline.prepare import (
@@ -197,121 +197,198 @@ def _gather(value: str, world: int) -> list[str]:
     return values
 
 
-def train_loop_per_worker(config: dict) -> None:
+@dataclass(frozen=True)
+class LoopConfig:
+    """What every training worker gets from the driver: the job's settings and what the data decided."""
+
+    model: ModelConfig
+    optim: OptimSection
+    amp: bool  # scaling.amp
+    torch_threads: int | None  # scaling.torch_threads
+    class_weights: list[float] | None  # optim.class_weighting=balanced: from the training split's counts
+
+
+@dataclass
+class WorkerState:
+    """One worker's model, optimizer and run progress (what a checkpoint holds), and its place in the group."""
+
+    loop: LoopConfig
+    rank: int
+    world: int
+    device: torch.device
+    raw_model: FusionClassifier  # the module itself, for checkpoints and the bundle
+    model: torch.nn.Module  # wrapped for DDP
+    optimizer: torch.optim.Optimizer
+    progress: dict
+    best_state: dict | None
+    augmenter: torch.Generator | None  # optim.augment: the random flips and shifts, one stream per worker
+
+    @property
+    def use_amp(self) -> bool:
+        return self.loop.amp and self.device.type == "cuda"
+
+    @property
+    def amp_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _set_threads(loop: LoopConfig, device: torch.device, local_world: int) -> None:
+    if device.type == "cpu":
+        # Ray sets OMP_NUM_THREADS to the CPUs reserved (1 here), but CPU training is bound by torch's
+        # intra-op threads; the CPU kept free for Ray Data is mostly idle once the data is prepared.
+        cores = len(os.sched_getaffinity(0))
+        torch.set_num_threads(loop.torch_threads or max(1, cores // local_world))
+
+
+def build_worker(loop: LoopConfig) -> WorkerState:
+    """Model and optimizer, restored from the run's last checkpoint when there is one, the model wrapped
+    for DDP (NCCL on GPU, gloo on CPU)."""
     import ray.train
     import ray.train.torch
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.manual_seed(config["seed"] + rank)
+    torch.manual_seed(loop.optim.seed + rank)
     device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        # Ray sets OMP_NUM_THREADS to the CPUs reserved (1 here), but CPU training is bound by torch's
-        # intra-op threads; the CPU kept free for Ray Data is mostly idle once the data is prepared.
-        cores = len(os.sched_getaffinity(0))
-        torch.set_num_threads(config["torch_threads"] or max(1, cores // context.get_local_world_size()))
-    model = FusionClassifier(ModelConfig.from_dict(config["model"]))
+    _set_threads(loop, device, context.get_local_world_size())
+    raw_model = FusionClassifier(loop.model)
     progress = {"epoch": 0, "history": [], "best_epoch": None, "best_val_accuracy": -1.0, "stale_epochs": 0}
-    checkpoint = ray.train.get_checkpoint()
     optimizer_state = best_state = None
+    checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            model.load_state_dict(torch.load(os.path.join(directory, CKPT_MODEL), weights_only=True))
+            raw_model.load_state_dict(torch.load(os.path.join(directory, CKPT_MODEL), weights_only=True))
             optimizer_state = torch.load(os.path.join(directory, CKPT_OPTIMIZER), weights_only=True)
             best_state = torch.load(os.path.join(directory, CKPT_BEST), weights_only=True)
             progress = json.loads(Path(directory, CKPT_PROGRESS).read_text())
         if rank == 0:
             say(f"resuming from the checkpoint after epoch {progress['epoch']}")
-    raw_model = model
-    model = ray.train.torch.prepare_model(model)  # DDP: NCCL on GPU, gloo on CPU
+    model = ray.train.torch.prepare_model(raw_model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=loop.optim.lr, weight_decay=loop.optim.weight_decay)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     # Where this attempt's workers run, and how many attempts the run took (a restart after a failure
     # resumes from the checkpoint): recorded in the bundle's metrics.
     progress["worker_nodes"] = _gather(ray.get_runtime_context().get_node_id(), world)
     progress["attempts"] = progress.get("attempts", 0) + 1
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
-    use_amp = config["amp"] and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    weight = torch.tensor(config["class_weights"], device=device) if config["class_weights"] else None
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
-    num_classes = config["model"]["num_classes"]
-    per_worker_batch = max(1, config["batch_size"] // world)
-    augmenter = torch.Generator().manual_seed(config["seed"] * 1000 + rank) if config["augment"] else None
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    augmenter = torch.Generator().manual_seed(loop.optim.seed * 1000 + rank) if loop.optim.augment else None
+    return WorkerState(loop, rank, world, device, raw_model, model, optimizer, progress, best_state, augmenter)
 
-    patience = config["early_stopping_patience"]
-    already_stopped = patience is not None and progress["stale_epochs"] >= patience
-    for epoch in range(progress["epoch"], 0 if already_stopped else config["epochs"]):
-        started = time.perf_counter()
-        model.train()
-        sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss x rows, rows
-        shuffler = torch.Generator().manual_seed(config["seed"] * 1_000_003 + epoch * 1009 + rank)
-        for batch in _batches(train_shard, per_worker_batch, device, config["shuffle_buffer"], shuffler):
-            images = batch[schema.IMAGE] if augmenter is None else augment_images(batch[schema.IMAGE], augmenter)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                logits, aux_logits = model(images, batch[schema.TOKENS], with_aux=True)
-                loss = loss_fn(logits.float(), batch[schema.LABEL_ID])
-                for branch_logits in aux_logits:
-                    loss = loss + config["aux_loss_weight"] * loss_fn(branch_logits.float(), batch[schema.LABEL_ID])
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            sums += torch.tensor([loss.item() * len(logits), len(logits)], dtype=torch.float64, device=device)
-        train_seconds = torch.tensor([time.perf_counter() - started], device=device)
 
-        model.eval()
-        val_sums = torch.zeros(2, dtype=torch.float64, device=device)
-        confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            for batch in _batches(val_shard, per_worker_batch * 4, device):
-                logits = model(batch[schema.IMAGE], batch[schema.TOKENS]).float()
-                labels = batch[schema.LABEL_ID]
-                val_sums += torch.tensor(
-                    [torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item(), len(labels)],
-                    dtype=torch.float64, device=device,
-                )
-                confusion += torch.bincount(
-                    labels * num_classes + logits.argmax(1), minlength=num_classes * num_classes
-                ).view(num_classes, num_classes)
-        _all_reduce(sums, val_sums, confusion)
-        _all_reduce(train_seconds, maximum=True)
+def train_epoch(state: WorkerState, shard, epoch: int, loss_fn, scaler) -> torch.Tensor:
+    """One pass over this worker's training shard; returns [loss x rows, rows] of this worker."""
+    optim = state.loop.optim
+    state.model.train()
+    sums = torch.zeros(2, dtype=torch.float64, device=state.device)
+    shuffler = torch.Generator().manual_seed(optim.seed * 1_000_003 + epoch * 1009 + state.rank)
+    batch_size = max(1, optim.batch_size // state.world)
+    for batch in _batches(shard, batch_size, state.device, optim.shuffle_buffer, shuffler):
+        labels = batch[schema.LABEL_ID]
+        images = batch[schema.IMAGE]
+        if state.augmenter is not None:
+            images = augment_images(images, state.augmenter)
+        with torch.autocast(state.device.type, dtype=state.amp_dtype, enabled=state.use_amp):
+            logits, aux_logits = state.model(images, batch[schema.TOKENS], with_aux=True)
+            loss = loss_fn(logits.float(), labels)
+            for branch_logits in aux_logits:
+                loss = loss + optim.aux_loss_weight * loss_fn(branch_logits.float(), labels)
+        state.optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(state.optimizer)
+        scaler.update()
+        sums += torch.tensor([loss.item() * len(logits), len(logits)], dtype=torch.float64, device=state.device)
+    return sums
 
-        scores = summary(confusion.cpu().numpy())
-        metrics = {
-            "epoch": epoch + 1,
-            "train_loss": float(sums[0] / max(sums[1], 1)),
-            "val_loss": float(val_sums[0] / max(val_sums[1], 1)),
-            "val_accuracy": scores["accuracy"],
-            "val_macro_f1": scores["macro_f1"],
-            "train_samples_per_s": float(sums[1] / train_seconds[0]),
-            "epoch_seconds": round(time.perf_counter() - started, 2),
-            "train_rows": int(sums[1]),
-            "val_rows": int(val_sums[1]),
-        }
-        improved = metrics["val_accuracy"] > progress["best_val_accuracy"]
-        if improved:
-            progress.update(best_epoch=epoch + 1, best_val_accuracy=metrics["val_accuracy"], stale_epochs=0)
-            best_state = {k: v.detach().cpu().clone() for k, v in raw_model.state_dict().items()}
-        else:
-            progress["stale_epochs"] += 1
-        progress["epoch"] = epoch + 1
-        progress["history"].append(metrics)
-        stop = patience is not None and progress["stale_epochs"] >= patience
-        if rank == 0:
-            say(
-                f"epoch {epoch + 1}/{config['epochs']}  train_loss {metrics['train_loss']:.4f}  "
-                f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_accuracy']:.4f}  "
-                f"macro_f1 {metrics['val_macro_f1']:.4f}  {metrics['train_samples_per_s']:.0f} samples/s  "
-                f"{metrics['epoch_seconds']:.1f} s" + ("  *" if improved else "") + ("  (early stop)" if stop else "")
+
+def validate(state: WorkerState, shard) -> tuple[torch.Tensor, torch.Tensor]:
+    """This worker's validation shard: [summed loss, rows] and the confusion matrix (true x predicted)."""
+    n = state.loop.model.num_classes
+    state.model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=state.device)
+    confusion = torch.zeros(n, n, dtype=torch.int64, device=state.device)
+    batch_size = 4 * max(1, state.loop.optim.batch_size // state.world)
+    with torch.no_grad(), torch.autocast(state.device.type, dtype=state.amp_dtype, enabled=state.use_amp):
+        for batch in _batches(shard, batch_size, state.device):
+            logits = state.model(batch[schema.IMAGE], batch[schema.TOKENS]).float()
+            labels = batch[schema.LABEL_ID]
+            sums += torch.tensor(
+                [torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item(), len(labels)],
+                dtype=torch.float64, device=state.device,
             )
-            with tempfile.TemporaryDirectory() as directory:
-                _save_checkpoint(directory, raw_model, optimizer, best_state, progress)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-        else:
-            ray.train.report(metrics)
+            confusion += torch.bincount(labels * n + logits.argmax(1), minlength=n * n).view(n, n)
+    return sums, confusion
+
+
+def epoch_metrics(epoch: int, train_sums, val_sums, confusion, train_seconds: float, started: float) -> dict:
+    """The epoch's metrics over all workers (the sums already reduced)."""
+    scores = summary(confusion.cpu().numpy())
+    return {
+        "epoch": epoch + 1,
+        "train_loss": float(train_sums[0] / max(train_sums[1], 1)),
+        "val_loss": float(val_sums[0] / max(val_sums[1], 1)),
+        "val_accuracy": scores["accuracy"],
+        "val_macro_f1": scores["macro_f1"],
+        "train_samples_per_s": float(train_sums[1] / train_seconds),
+        "epoch_seconds": round(time.perf_counter() - started, 2),
+        "train_rows": int(train_sums[1]),
+        "val_rows": int(val_sums[1]),
+    }
+
+
+def record(state: WorkerState, metrics: dict) -> tuple[bool, bool]:
+    """Adds the epoch to the run's progress, keeps the best weights; returns (improved, stop early)."""
+    progress, patience = state.progress, state.loop.optim.early_stopping_patience
+    improved = metrics["val_accuracy"] > progress["best_val_accuracy"]
+    if improved:
+        progress.update(best_epoch=metrics["epoch"], best_val_accuracy=metrics["val_accuracy"], stale_epochs=0)
+        state.best_state = {k: v.detach().cpu().clone() for k, v in state.raw_model.state_dict().items()}
+    else:
+        progress["stale_epochs"] += 1
+    progress["epoch"] = metrics["epoch"]
+    progress["history"].append(metrics)
+    return improved, patience is not None and progress["stale_epochs"] >= patience
+
+
+def report(state: WorkerState, metrics: dict, improved: bool, stop: bool) -> None:
+    """The epoch line on the console, and ``ray.train.report``: rank 0 with the checkpoint."""
+    import ray.train
+
+    if state.rank != 0:
+        ray.train.report(metrics)
+        return
+    say(
+        f"epoch {metrics['epoch']}/{state.loop.optim.epochs}  train_loss {metrics['train_loss']:.4f}  "
+        f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_accuracy']:.4f}  "
+        f"macro_f1 {metrics['val_macro_f1']:.4f}  {metrics['train_samples_per_s']:.0f} samples/s  "
+        f"{metrics['epoch_seconds']:.1f} s" + ("  *" if improved else "") + ("  (early stop)" if stop else "")
+    )
+    with tempfile.TemporaryDirectory() as directory:
+        _save_checkpoint(directory, state.raw_model, state.optimizer, state.best_state, state.progress)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's entry point in each worker: ``config["loop"]`` is the run's ``LoopConfig``."""
+    import ray.train
+
+    state = build_worker(config["loop"])
+    optim = state.loop.optim
+    scaler = torch.amp.GradScaler("cuda", enabled=state.use_amp and state.amp_dtype == torch.float16)
+    weight = torch.tensor(state.loop.class_weights, device=state.device) if state.loop.class_weights else None
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    patience = optim.early_stopping_patience
+    already_stopped = patience is not None and state.progress["stale_epochs"] >= patience
+    for epoch in range(state.progress["epoch"], 0 if already_stopped else optim.epochs):
+        started = time.perf_counter()
+        train_sums = train_epoch(state, train_shard, epoch, loss_fn, scaler)
+        train_seconds = torch.tensor([time.perf_counter() - started], device=state.device)
+        val_sums, confusion = validate(state, val_shard)
+        _all_reduce(train_sums, val_sums, confusion)
+        _all_reduce(train_seconds, maximum=True)
+        metrics = epoch_metrics(epoch, train_sums, val_sums, confusion, float(train_seconds[0]), started)
+        improved, stop = record(state, metrics)
+        report(state, metrics, improved, stop)
         if stop:
             break
 
@@ -357,24 +434,17 @@ def run_train(cfg: TrainConfig) -> dict:
     model_config = ModelConfig(
         num_classes=len(data.classes), vocab_size=len(data.vocab), image_size=data.image.size, **cfg.model.model_dump()
     )
-    loop_config = {
-        "model": model_config.to_dict(),
-        "lr": cfg.optim.lr,
-        "batch_size": cfg.optim.batch_size,
-        "epochs": cfg.optim.epochs,
-        "weight_decay": cfg.optim.weight_decay,
-        "early_stopping_patience": cfg.optim.early_stopping_patience,
-        "class_weights": class_weights(data.classes, data.class_counts) if cfg.optim.class_weighting == "balanced" else None,
-        "shuffle_buffer": cfg.optim.shuffle_buffer,
-        "seed": cfg.optim.seed,
-        "augment": cfg.optim.augment,
-        "aux_loss_weight": cfg.optim.aux_loss_weight,
-        "amp": cfg.scaling.amp,
-        "torch_threads": cfg.scaling.torch_threads,
-    }
+    balanced = cfg.optim.class_weighting == "balanced"
+    loop = LoopConfig(
+        model=model_config,
+        optim=cfg.optim,
+        amp=cfg.scaling.amp,
+        torch_threads=cfg.scaling.torch_threads,
+        class_weights=class_weights(data.classes, data.class_counts) if balanced else None,
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"loop": loop},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
         ),
