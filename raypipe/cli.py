@@ -1,35 +1,97 @@
-"""What every job script shares: ``--config FILE`` plus ``section.field=value`` overrides, and
-errors that end the run with one clear message instead of a stack trace."""
+"""The `raypipe` command: one subcommand per job (``raypipe prepare|train|evaluate|ablation|label|ingest``)
+with ``--config FILE`` plus ``section.field=value`` overrides, ``raypipe config <job>`` for the resolved
+configuration, and errors that end the run with one clear message instead of a stack trace. The
+scripts in jobs/ run the same commands (``python jobs/train.py ...``, e.g. under ``ray job submit``)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import textwrap
 from collections.abc import Callable
-from typing import TypeVar
 
-from pydantic import BaseModel
+import yaml
 
-from raypipe.config import load_config, mask_url_credentials, shown_name
+import raypipe
+from raypipe.commands import COMMANDS, Command
+from raypipe.config import dump_config, load_config, mask_url_credentials, shown_name
+from raypipe.configdoc import walk
 from raypipe.errors import UserError
 
-C = TypeVar("C", bound=BaseModel)
+OVERRIDES_HELP = "Overrides are section.field=value, e.g. data.input=s3://bucket/shards ray.num_cpus=4."
 
 
-def parse_job_config(model: type[C], argv: list[str] | None, description: str) -> C:
-    parser = argparse.ArgumentParser(
-        description=description,
-        epilog="Overrides are section.field=value, e.g. data.input=s3://bucket/shards ray.num_cpus=4. "
-        "See docs/configuration.md for every field.",
+def fields_help(command: Command) -> str:
+    """Every field of the job's config: dotted name, type, default, description (from the models)."""
+    rows, sections = walk(command.config)
+    lines = []
+    for row in [*rows, *(row for section in sections for row in section.rows)]:
+        lines.append(f"  {row.key}  ({row.type}, default {row.default.strip('`')})")
+        lines += textwrap.wrap(row.description.replace("`", ""), width=96, initial_indent="      ",
+                               subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+def _job_parser(subparsers, command: Command) -> None:
+    parser = subparsers.add_parser(
+        command.name,
+        help=command.summary,
+        description=f"{command.summary}\n\nexamples:\n{command.examples}",
+        epilog=f"{OVERRIDES_HELP}\n\nfields (docs/configuration.md has the same, by section):\n{fields_help(command)}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _config_arguments(parser)
+    parser.set_defaults(command=command)
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with the job's configuration (jobs/configs/*.yaml).")
     parser.add_argument("overrides", nargs="*", help="section.field=value pairs applied after the YAML file.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raypipe",
+        description="Distributed batch classification of image-text pairs on Ray. `raypipe <job> --help` lists "
+        "the job's examples and every field.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"raypipe {raypipe.__version__}")
+    subparsers = parser.add_subparsers(title="jobs", metavar="<job>", required=True)
+    for command in COMMANDS.values():
+        _job_parser(subparsers, command)
+    show = subparsers.add_parser(
+        "config", help="Print a job's full configuration (defaults, YAML file and overrides applied) as YAML.",
+        description="Print a job's full configuration as YAML, secrets masked: a starting point for --config.",
+    )
+    show.add_argument("job", choices=list(COMMANDS))
+    _config_arguments(show)
+    show.set_defaults(command=None)
+    return parser
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse's own message would echo them whole, values (maybe secrets) included
         shown = " ".join(map(shown_name, unknown))
         parser.error(f"unrecognized arguments: {shown} (overrides are section.field=value, no dashes)")
-    return load_config(model, args.config, args.overrides)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `raypipe` command."""
+
+    def run() -> None:
+        args = _parse(sys.argv[1:] if argv is None else argv)
+        if args.command is None:  # raypipe config <job>
+            config = load_config(COMMANDS[args.job].config, args.config, args.overrides)
+            print(yaml.safe_dump(dump_config(config), sort_keys=False), end="")
+            return
+        args.command.run(load_config(args.command.config, args.config, args.overrides))
+
+    run_job(run)
 
 
 def user_error(error: BaseException) -> BaseException | None:

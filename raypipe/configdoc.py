@@ -3,7 +3,7 @@
     python -m raypipe.configdoc            # (re)write docs/configuration.md
     python -m raypipe.configdoc --check    # exit 1 when docs/configuration.md is stale
 
-The jobs are found in jobs/*.py (each calls ``parse_job_config(<Model>, ...)``); every model is walked
+The jobs are those of ``raypipe.commands`` (the `raypipe` command's and jobs/*.py's); every model is walked
 generically (``model_fields``, annotations, ``FieldInfo``): a field whose annotation is a pydantic model
 is a section (``data``, ``optim`` ...), every other field is a row of its section's table. A field
 without a description stops the rendering: the project promises a description on every field.
@@ -16,7 +16,6 @@ job, whose default source is ``none``) is rendered once per variant.
 from __future__ import annotations
 
 import argparse
-import ast
 import inspect
 import re
 import sys
@@ -52,37 +51,13 @@ class Job:
     model: type[BaseModel]
 
 
-def _config_name_in(path: Path) -> str | None:
-    """The model name passed to ``parse_job_config(<Model>, ...)`` in a job script."""
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
-        if (
-            isinstance(node, ast.Call)
-            and getattr(node.func, "id", getattr(node.func, "attr", None)) == "parse_job_config"
-            and node.args
-            and isinstance(node.args[0], ast.Name)
-        ):
-            return node.args[0].id
-    return None
-
-
-def discover_jobs(jobs_dir: Path = JOBS_DIR) -> list[Job]:
-    """Every job script in jobs/ with its config model, in the order the models are defined in config.py."""
+def discover_jobs() -> list[Job]:
+    """Every job (raypipe.commands) with its config model, in the order the models are defined in config.py."""
     from raypipe import config as config_module
+    from raypipe.commands import COMMANDS
 
-    jobs = []
-    for path in sorted(jobs_dir.glob("*.py")):
-        if path.name.startswith("_"):
-            continue
-        name = _config_name_in(path)
-        if name is None:
-            raise ConfigDocError(f"jobs/{path.name} does not call parse_job_config(<Model>, ...); cannot document it")
-        model = getattr(config_module, name, None)
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            raise ConfigDocError(f"jobs/{path.name} uses {name}, which is not a pydantic model in raypipe/config.py")
-        jobs.append(Job(f"jobs/{path.name}", model))
-    if not jobs:
-        raise ConfigDocError(f"no job scripts found in {jobs_dir.name}/")
     order = list(vars(config_module))
+    jobs = [Job(command.script, command.config) for command in COMMANDS.values()]
     return sorted(jobs, key=lambda job: (order.index(job.model.__name__), job.script))
 
 
@@ -307,7 +282,7 @@ def render(jobs: list[Job] | None = None) -> str:
     for job, rows, sections in walked:
         doc = inspect.cleandoc(job.model.__dict__.get("__doc__") or "")
         example = JOBS_DIR / "configs" / f"{Path(job.script).stem}.yaml"
-        how = f"`python {job.script} [--config FILE.yaml] [key=value ...]`"
+        how = f"`raypipe {Path(job.script).stem} [--config FILE.yaml] [key=value ...]` (or `python {job.script} ...`)"
         if example.is_file():
             how += f" (example: [jobs/configs/{example.name}](../jobs/configs/{example.name}))"
         out.append(f"### `{job.script}`\n")

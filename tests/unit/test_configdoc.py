@@ -21,12 +21,16 @@ DOC = REPO / "docs" / "configuration.md"
 
 
 def job_models() -> dict[str, type[BaseModel]]:
-    """jobs/*.py -> the config model each passes to parse_job_config (read independently of configdoc)."""
+    """jobs/*.py -> the config model of the command each runs (read independently of configdoc): every
+    script is a command's wrapper, and every command has its script."""
+    from raypipe.commands import COMMANDS
+
     found = {}
     for path in sorted((REPO / "jobs").glob("*.py")):
-        match = re.search(r"parse_job_config\(\s*(\w+)", path.read_text())
-        assert match, f"{path.name} does not call parse_job_config"
-        found[f"jobs/{path.name}"] = getattr(config_module, match.group(1))
+        match = re.search(r'main\(\["(\w+)", \*sys.argv\[1:\]\]\)', path.read_text())
+        assert match, f"{path.name} does not run a raypipe command"
+        found[f"jobs/{path.name}"] = COMMANDS[match.group(1)].config
+    assert len(found) == len(COMMANDS), f"commands without a script: {set(COMMANDS) - {Path(s).stem for s in found}}"
     return found
 
 
