@@ -30,10 +30,10 @@ DEMO_PREPARED ?= $(HOME)/.cache/raypipe/prepared
 
 # The built-in sample: prepare, train image-only / text-only / fusion on the same split, evaluate fusion.
 demo: install
-	$(PYTHON) jobs/prepare.py output=$(DEMO_PREPARED) overwrite=true
-	$(PYTHON) jobs/ablation.py prepared=$(DEMO_PREPARED) run.storage_path=$(DEMO_RUNS) run.name=demo optim.epochs=8
-	$(PYTHON) jobs/evaluate.py bundle=$(DEMO_RUNS)/demo-fusion/bundle prepared=$(DEMO_PREPARED)
-	$(PYTHON) jobs/label.py bundle=$(DEMO_RUNS)/demo-fusion/bundle output=$(DEMO_RUNS)/demo-labels overwrite=true
+	$(VENV)/bin/raypipe prepare output=$(DEMO_PREPARED) overwrite=true
+	$(VENV)/bin/raypipe ablation prepared=$(DEMO_PREPARED) run.storage_path=$(DEMO_RUNS) run.name=demo optim.epochs=8
+	$(VENV)/bin/raypipe evaluate bundle=$(DEMO_RUNS)/demo-fusion/bundle prepared=$(DEMO_PREPARED)
+	$(VENV)/bin/raypipe label bundle=$(DEMO_RUNS)/demo-fusion/bundle output=$(DEMO_RUNS)/demo-labels overwrite=true
 
 test: install-test
 	$(PYTHON) -m pytest

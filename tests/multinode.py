@@ -14,31 +14,16 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TypeVar
 
 import psutil
 import yaml
 
 from conftest import _stop_cluster, free_port, wait_for_port
-
-T = TypeVar("T")
+from waiting import wait_until  # also used as multinode.wait_until
 
 WORKER_NODE_TYPE = "raypipe.cpu"
-
-
-def wait_until(condition: Callable[[], T], timeout_s: float, what: str) -> T:
-    """Polls `condition` until it returns something truthy, which is returned."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout_s} s")
-        time.sleep(0.2)
 
 
 def _descendants(process: psutil.Process) -> list[psutil.Process]:

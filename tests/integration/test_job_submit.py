@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -21,17 +21,17 @@ AGENT_NOT_READY = "No available agent to submit job"
 def submit(cluster, *entrypoint: str, timeout: int = 600) -> str:
     """Submits a job, waits for it, returns its output; fails the test unless it succeeded."""
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    # The job agent starts after `ray start` returns, slowly on a loaded 2-core machine, and the job
-    # server waits only 10 s per request for it.
-    deadline = time.monotonic() + 180
-    while True:
+
+    def submitted() -> subprocess.CompletedProcess | None:
         done = subprocess.run(
             [ray_bin, "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO), "--", *entrypoint],
             cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=timeout,
         )
-        if AGENT_NOT_READY not in done.stdout + done.stderr or time.monotonic() > deadline:
-            break
-        time.sleep(2)
+        return None if AGENT_NOT_READY in done.stdout + done.stderr else done
+
+    # The job agent starts after `ray start` returns, slowly on a loaded 2-core machine, and the job
+    # server waits only 10 s per request for it.
+    done = wait_until(submitted, 180, "the job agent accepting a job", interval_s=2)
     assert done.returncode == 0 and "succeeded" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 

@@ -30,7 +30,7 @@ def most_blocks_ahead(cfg: RayConfig) -> int:
     ds = ray.data.range(BLOCKS, override_num_blocks=BLOCKS).map_batches(block, batch_size=None)
     for batch in ds.iter_batches(batch_size=None, prefetch_batches=0):
         made.append(float(batch["made_at"][0]))
-        time.sleep(0.05)
+        time.sleep(0.05)  # the slow consumer under test, not a wait
         consumed.append(time.time())
     made.sort()
     return max(int(np.searchsorted(made, t, side="right")) - i for i, t in enumerate(consumed))

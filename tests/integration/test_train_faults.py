@@ -26,6 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 from test_train import prepared  # noqa: F401  (fixture: the prepared 480-pair sample)
+from waiting import wait_until
 
 from raypipe.bundle import load_bundle
 from raypipe.config import StorageConfig, TrainConfig, load_config
@@ -43,11 +44,14 @@ WAIT_S = 300  # for the first checkpoint; a bound on a stuck run, not an expecta
 def first_epoch_record(run_dir: Path, still_running) -> dict:
     """Waits until Ray Train has registered a checkpoint of the run; returns the history record of
     epoch 1 that the checkpoint holds."""
-    deadline = time.monotonic() + WAIT_S
-    while not (run_dir / SNAPSHOT).exists():
-        if not still_running() or time.monotonic() > deadline:
-            raise AssertionError(f"no checkpoint registered under {run_dir}")
-        time.sleep(0.2)
+    def registered() -> bool:
+        if (run_dir / SNAPSHOT).exists():
+            return True
+        if not still_running():
+            raise AssertionError(f"the run ended without a checkpoint registered under {run_dir}")
+        return False
+
+    wait_until(registered, WAIT_S, f"a checkpoint registered under {run_dir}")
     for progress in sorted(run_dir.glob(f"checkpoint_*/{CKPT_PROGRESS}")):
         try:
             history = json.loads(progress.read_text())["history"]
@@ -91,7 +95,9 @@ def kill_a_worker_after_the_first_checkpoint(run_dir: Path, raylet: psutil.Proce
                                              seen: WorkerKill) -> None:
     try:
         seen.epoch_1 = first_epoch_record(run_dir, lambda: not fit_done.is_set())
-        time.sleep(seen.epoch_1["epoch_seconds"] / 2)  # into the next epoch's training
+        # The fault itself, not a wait: the kill is timed to land half way through the next epoch's
+        # training (rather than while the checkpoint is saved), as the test's name says.
+        time.sleep(seen.epoch_1["epoch_seconds"] / 2)
         before = train_worker_pids(raylet)
         assert before, "no Ray Train worker process found"
         seen.killed = min(before)
