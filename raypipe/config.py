@@ -478,6 +478,18 @@ class RunSection(Section):
     )
     num_to_keep: int = Field(2, ge=1, description="Checkpoints kept per run (the newest).")
     max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (restarts from the last checkpoint).")
+    progress_interval_s: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds between progress lines inside an epoch: rows done, loss, samples/s, and the time left "
+        "in the epoch and in the run.",
+    )
+    tensorboard: bool = Field(
+        True,
+        description="Write TensorBoard event files (train/validation loss, validation accuracy and macro-F1, "
+        "learning rate, samples/s; one point per epoch) to <storage_path>/<name>/tensorboard; watch them with "
+        "`tensorboard --logdir <storage_path>/<name>/tensorboard`.",
+    )
 
     _name_is_a_folder = field_validator("name", mode="before")(_folder_name)
 

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 MODEL_COLUMNS = [schema.IMAGE, schema.TOKENS, schema.LABEL_ID]
 BUNDLE_DIR = "bundle"
+TENSORBOARD_DIR = "tensorboard"
 # Checkpoint files: the current state (to resume) and the best weights so far (for the bundle).
 CKPT_MODEL, CKPT_OPTIMIZER, CKPT_BEST, CKPT_PROGRESS = "model.pt", "optimizer.pt", "best_model.pt", "progress.json"
 
@@ -59,6 +60,7 @@ class TrainingData:
     image: ImageOptions
     text: TextOptions
     class_counts: dict[str, int]
+    train_rows: int | None = None  # known before training only for a prepare output (its stats)
 
 
 SPLIT_INPUT_COLUMNS = [*MODEL_COLUMNS, schema.STATUS, schema.SPLIT]
@@ -92,7 +94,8 @@ def load_training_data(cfg: TrainConfig) -> TrainingData:
                  decoded_mib, cfg.scaling.cache_mib)
         train, val = cached(train), cached(val)
     return TrainingData(
-        train, val, prepared.vocab, prepared.classes, prepared.image, prepared.text, prepared.stats.get("ok_by_class", {})
+        train, val, prepared.vocab, prepared.classes, prepared.image, prepared.text,
+        prepared.stats.get("ok_by_class", {}), prepared.stats.get("ok_by_split", {}).get(TRAIN),
     )
 
 
@@ -206,6 +209,9 @@ class LoopConfig:
     amp: bool  # scaling.amp
     torch_threads: int | None  # scaling.torch_threads
     class_weights: list[float] | None  # optim.class_weighting=balanced: from the training split's counts
+    train_rows: int | None  # rows of the training split when known before the first epoch (prepare's stats)
+    progress_interval_s: float  # run.progress_interval_s
+    tensorboard: rfs.Location | None  # where rank 0 puts its event files (run.tensorboard)
 
 
 @dataclass
@@ -275,6 +281,53 @@ def build_worker(loop: LoopConfig) -> WorkerState:
     return WorkerState(loop, rank, world, device, raw_model, model, optimizer, progress, best_state, augmenter)
 
 
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def progress_line(epoch: int, epochs: int, rows: int, expected_rows: int | None, loss: float, elapsed_s: float) -> str:
+    """One progress line inside an epoch. ``rows`` and ``expected_rows`` count all workers; the time left
+    assumes the rate so far (and, for the run, epochs as long as this one)."""
+    rate = rows / max(elapsed_s, 1e-9)
+    line = f"  epoch {epoch}/{epochs}  {rows:,}"
+    if expected_rows:
+        epoch_left = max(expected_rows - rows, 0) / max(rate, 1e-9)
+        run_left = epoch_left + (epochs - epoch) * expected_rows / max(rate, 1e-9)
+        line += f"/{expected_rows:,} rows ({100 * rows / expected_rows:.0f}%)"
+        tail = f"  epoch left ~{_duration(epoch_left)}, run left ~{_duration(run_left)}"
+    else:
+        line += " rows"
+        tail = ""
+    return f"{line}  loss {loss:.4f}  {rate:,.0f} samples/s{tail}"
+
+
+class TensorBoardLog:
+    """Rank 0's TensorBoard event files: written locally (the run directory may be object storage) and
+    copied to the run's ``tensorboard`` folder after every epoch. A resumed run adds a file of its own,
+    which TensorBoard shows as the same run."""
+
+    SCALARS = {"loss/train": "train_loss", "loss/val": "val_loss", "accuracy/val": "val_accuracy",
+               "macro_f1/val": "val_macro_f1", "throughput/train_samples_per_s": "train_samples_per_s"}
+
+    def __init__(self, target: rfs.Location):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.target = target
+        self.local = tempfile.mkdtemp(prefix="raypipe-tensorboard-")
+        self.writer = SummaryWriter(self.local)
+
+    def epoch(self, metrics: dict, lr: float) -> None:
+        step = metrics["epoch"]
+        for tag, key in self.SCALARS.items():
+            self.writer.add_scalar(tag, metrics[key], step)
+        self.writer.add_scalar("lr", lr, step)
+        self.writer.flush()
+        for name in os.listdir(self.local):
+            rfs.write_bytes(self.target.join(name), Path(self.local, name).read_bytes())
+
+
 def train_epoch(state: WorkerState, shard, epoch: int, loss_fn, scaler) -> torch.Tensor:
     """One pass over this worker's training shard; returns [loss x rows, rows] of this worker."""
     optim = state.loop.optim
@@ -282,6 +335,9 @@ def train_epoch(state: WorkerState, shard, epoch: int, loss_fn, scaler) -> torch
     sums = torch.zeros(2, dtype=torch.float64, device=state.device)
     shuffler = torch.Generator().manual_seed(optim.seed * 1_000_003 + epoch * 1009 + state.rank)
     batch_size = max(1, optim.batch_size // state.world)
+    history = state.progress["history"]
+    expected_rows = history[-1]["train_rows"] if history else state.loop.train_rows
+    started = last_line = time.perf_counter()
     for batch in _batches(shard, batch_size, state.device, optim.shuffle_buffer, shuffler):
         labels = batch[schema.LABEL_ID]
         images = batch[schema.IMAGE]
@@ -297,6 +353,11 @@ def train_epoch(state: WorkerState, shard, epoch: int, loss_fn, scaler) -> torch
         scaler.step(state.optimizer)
         scaler.update()
         sums += torch.tensor([loss.item() * len(logits), len(logits)], dtype=torch.float64, device=state.device)
+        now = time.perf_counter()
+        if state.rank == 0 and now - last_line >= state.loop.progress_interval_s:
+            last_line = now  # this worker's rows x workers: the shards are split evenly
+            rows, loss_so_far = int(sums[1]) * state.world, float(sums[0] / max(sums[1], 1))
+            say(progress_line(epoch + 1, optim.epochs, rows, expected_rows, loss_so_far, now - started))
     return sums
 
 
@@ -349,13 +410,15 @@ def record(state: WorkerState, metrics: dict) -> tuple[bool, bool]:
     return improved, patience is not None and progress["stale_epochs"] >= patience
 
 
-def report(state: WorkerState, metrics: dict, improved: bool, stop: bool) -> None:
-    """The epoch line on the console, and ``ray.train.report``: rank 0 with the checkpoint."""
+def report(state: WorkerState, metrics: dict, improved: bool, stop: bool, tensorboard: TensorBoardLog | None) -> None:
+    """The epoch line on the console, TensorBoard, and ``ray.train.report``: rank 0 with the checkpoint."""
     import ray.train
 
     if state.rank != 0:
         ray.train.report(metrics)
         return
+    if tensorboard is not None:
+        tensorboard.epoch(metrics, state.optimizer.param_groups[0]["lr"])
     say(
         f"epoch {metrics['epoch']}/{state.loop.optim.epochs}  train_loss {metrics['train_loss']:.4f}  "
         f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_accuracy']:.4f}  "
@@ -377,6 +440,7 @@ def train_loop_per_worker(config: dict) -> None:
     weight = torch.tensor(state.loop.class_weights, device=state.device) if state.loop.class_weights else None
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    tensorboard = TensorBoardLog(state.loop.tensorboard) if state.rank == 0 and state.loop.tensorboard else None
     patience = optim.early_stopping_patience
     already_stopped = patience is not None and state.progress["stale_epochs"] >= patience
     for epoch in range(state.progress["epoch"], 0 if already_stopped else optim.epochs):
@@ -388,7 +452,7 @@ def train_loop_per_worker(config: dict) -> None:
         _all_reduce(train_seconds, maximum=True)
         metrics = epoch_metrics(epoch, train_sums, val_sums, confusion, float(train_seconds[0]), started)
         improved, stop = record(state, metrics)
-        report(state, metrics, improved, stop)
+        report(state, metrics, improved, stop, tensorboard)
         if stop:
             break
 
@@ -441,6 +505,10 @@ def run_train(cfg: TrainConfig) -> dict:
         amp=cfg.scaling.amp,
         torch_threads=cfg.scaling.torch_threads,
         class_weights=class_weights(data.classes, data.class_counts) if balanced else None,
+        train_rows=data.train_rows,
+        progress_interval_s=cfg.run.progress_interval_s,
+        tensorboard=rfs.resolve_output(cfg.run.storage_path, cfg.storage).join(cfg.run.name, TENSORBOARD_DIR)
+        if cfg.run.tensorboard else None,
     )
     trainer = TorchTrainer(
         train_loop_per_worker,

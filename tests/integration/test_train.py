@@ -37,10 +37,11 @@ def _list(url: str) -> list[str]:
     return [i.path for i in loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))]
 
 
-def test_two_workers_checkpoint_to_s3_resume_and_evaluate(prepared, bucket):
+def test_two_workers_checkpoint_to_s3_resume_and_evaluate(prepared, bucket, tmp_path):
     storage = f"s3://{bucket}/runs"
     base = [f"prepared={prepared}", f"run.storage_path={storage}", "run.name=t2", "scaling.num_workers=2",
-            "optim.batch_size=32", "model.conv_channels=[8, 16]", "model.embed_dim=16", "model.lstm_hidden=16"]
+            "optim.batch_size=32", "model.conv_channels=[8, 16]", "model.embed_dim=16", "model.lstm_hidden=16",
+            "run.progress_interval_s=0.2"]
     first = run_train(load_config(TrainConfig, None, [*base, "optim.epochs=2"]))
     assert first["epochs_run"] == 2 and len(first["history"]) == 2
     assert all(h["train_rows"] > 300 and h["val_rows"] > 50 for h in first["history"])  # both workers' rows summed
@@ -53,6 +54,19 @@ def test_two_workers_checkpoint_to_s3_resume_and_evaluate(prepared, bucket):
     assert second["epochs_run"] == 3
     assert second["history"][:2] == first["history"]
     assert len([p for p in _list(f"{storage}/t2") if p.endswith("progress.json")]) == 2  # oldest dropped
+
+    # TensorBoard reads the event files of both attempts as one run: one point per epoch.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = tmp_path / "tensorboard"
+    events.mkdir()
+    tensorboard = resolve(f"{storage}/t2/tensorboard", StorageConfig())
+    for path in _list(f"{storage}/t2/tensorboard"):
+        (events / Path(path).name).write_bytes(tensorboard.fs.open_input_stream(path).read())
+    scalars = EventAccumulator(str(events)).Reload()
+    assert [e.step for e in scalars.Scalars("loss/train")] == [1, 2, 3]
+    assert [e.value for e in scalars.Scalars("accuracy/val")] == pytest.approx([h["val_accuracy"] for h in second["history"]])
+    assert {"loss/val", "macro_f1/val", "lr", "throughput/train_samples_per_s"} <= set(scalars.Tags()["scalars"])
 
     bundle = load_bundle(second["bundle"], StorageConfig())
     assert bundle.identity == second["identity"] and bundle.model_config.mode == "fusion"
