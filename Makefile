@@ -47,7 +47,7 @@ bench: install-test
 
 # docs/configuration.md from the config models' field descriptions (a unit test fails when it is stale).
 docs: install
-	$(PYTHON) -m raypipe.configdoc
+	$(PYTHON) -m raypipe.tools.configdoc
 
 # The paper's ablation on real pairs (Tux Paint stamps; needs `apt-get install tuxpaint-stamps-default`):
 # docs/results.md and docs/images/tuxpaint_*.png. About 1 h on 2 cores.

@@ -2,7 +2,7 @@
 
     python benchmarks/label_throughput.py [--rows 10000,100000] [--memory-rows 10000,100000] [--bundle URL]
 
-Inputs: the built-in sample (``raypipe.sample``) in img2dataset's Parquet format with 384x288 JPEGs
+Inputs: the built-in sample (``raypipe.datasets.sample``) in img2dataset's Parquet format with 384x288 JPEGs
 (img2dataset's ``--image_size 384 --resize_mode keep_ratio`` output size), 1,000 pairs per shard,
 generated once and cached under ``$TMPDIR/raypipe-bench/``; a run over N rows reads the first N/1000
 shards. About 2% of rows are failed downloads and ~10% of captions have no words left after
@@ -51,7 +51,7 @@ IMAGE_SIZE = (384, 288)
 
 def ensure_data(root: Path, rows: int) -> list[Path]:
     """The first ``rows`` rows of the cached sample (whole shards), generated when missing."""
-    from raypipe.sample import SampleSpec, write_sample
+    from raypipe.datasets.sample import SampleSpec, write_sample
 
     marker = root / "sample.json"
     have = json.loads(marker.read_text())["num_pairs"] if marker.exists() else 0
@@ -73,7 +73,7 @@ def ensure_bundle(path: Path, data: list[Path]) -> str:
     from raypipe.bundle import Bundle, save_bundle
     from raypipe.config import ModelSection, StorageConfig
     from raypipe.model import FusionClassifier, ModelConfig
-    from raypipe.sample import CLASSES
+    from raypipe.datasets.sample import CLASSES
     from raypipe.transforms.image import ImageOptions
     from raypipe.transforms.text import TextNormalizer, TextOptions
     from raypipe.transforms.vocab import Vocabulary, count_tokens

@@ -23,7 +23,7 @@ Measures, in one process tree:
    floor itself moved 1,403 -> 1,730 img/s/core within 20 minutes, so only a paired ratio compares
    the pipeline and the floor at the same machine speed.
 
-Inputs are the built-in sample (``raypipe.sample``) with 640x480 JPEGs, generated once and cached
+Inputs are the built-in sample (``raypipe.datasets.sample``) with 640x480 JPEGs, generated once and cached
 under ``$TMPDIR/raypipe-bench/data-<params>/`` (``--data-dir`` to choose).
 Image rates count decoded images (rows whose download succeeded), in every figure alike.
 
@@ -76,7 +76,7 @@ THUMB = (64, 64)
 # --------------------------------------------------------------------------------------------------
 
 def ensure_data(args) -> Path:
-    from raypipe.sample import SampleSpec, write_sample
+    from raypipe.datasets.sample import SampleSpec, write_sample
 
     w, h = args.image_size
     name = f"data-n{args.pairs}-{w}x{h}-shard{args.shard_size}-seed{args.seed}"
@@ -142,7 +142,8 @@ def single_process_prepare(files: list[Path], batch_size: int) -> dict:
     from raypipe.config import PrepareConfig
     from raypipe.io.normalize import IMG2DATASET_COLUMNS, normalize_table
     from raypipe.transforms.labels import LabelRule
-    from raypipe.transforms.pairs import TOKEN, PairPreparer, SplitRule, count_batch
+    from raypipe.transforms.pairs import TOKEN, PairPreparer, count_batch
+    from raypipe.transforms.split import SplitRule
     from raypipe.transforms.text import TextNormalizer, _tables
     from raypipe.transforms.vocab import Vocabulary
 

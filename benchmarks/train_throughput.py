@@ -2,14 +2,14 @@
 
     python benchmarks/train_throughput.py [--pairs 4000] [--epochs 6] [--mode fusion] [--workers 1,2]
 
-Inputs: the built-in sample (``raypipe.sample``, img2dataset Parquet shards), prepared once with
+Inputs: the built-in sample (``raypipe.datasets.sample``, img2dataset Parquet shards), prepared once with
 ``jobs/prepare.py`` (64x64 images, 32 tokens) and cached under ``$TMPDIR/raypipe-bench/``; both
 sides train on the same prepared training split.
 
 Measured, in one process tree:
 
 1. plain loop: what a user writes by hand. pyarrow reads the prepared Parquet into tensors once
-   (``raypipe.baselines.load_prepared``),
+   (``raypipe.tools.baselines.load_prepared``),
    then per epoch a random permutation, batches of ``--batch-size``, the same ``FusionClassifier``
    (the train job's default architecture), cross-entropy, Adam (lr 0.001). PyTorch uses its default
    intra-op threads (all cores).
@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def ensure_prepared(root: Path, pairs: int) -> Path:
     """A prepare output of the built-in sample with ``pairs`` pairs (made once, then reused)."""
-    from raypipe.sample import SampleSpec, write_sample
+    from raypipe.datasets.sample import SampleSpec, write_sample
 
     prepared = root / "prepared"
     if (prepared / "stats.json").exists():
@@ -64,7 +64,7 @@ def plain_loop(prepared: Path, mode: str, epochs: int, batch_size: int, seed: in
     """One process, no Ray: the training loop a user writes by hand over in-memory tensors."""
     import torch
 
-    from raypipe.baselines import load_prepared
+    from raypipe.tools.baselines import load_prepared
     from raypipe.config import ModelSection
     from raypipe.model import FusionClassifier, ModelConfig
     from raypipe.transforms.split import TRAIN

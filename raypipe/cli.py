@@ -16,7 +16,7 @@ import yaml
 import raypipe
 from raypipe.commands import COMMANDS, Command
 from raypipe.config import dump_config, load_config, mask_url_credentials, shown_name
-from raypipe.configdoc import walk
+from raypipe.tools.configdoc import walk
 from raypipe.errors import UserError
 
 OVERRIDES_HELP = "Overrides are section.field=value, e.g. data.input=s3://bucket/shards ray.num_cpus=4."

@@ -49,7 +49,9 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 
 from raypipe.config import EncodeOptions, IngestConfig, StorageConfig
 from raypipe.io import fs as rfs
-from raypipe.sample import PARQUET_ROW_GROUP, PARQUET_SCHEMA, compute_key, shard_name
+from raypipe.formats.img2dataset import (
+    FAILED_TO_DOWNLOAD, FAILED_TO_RESIZE, PARQUET_ROW_GROUP, PARQUET_SCHEMA, STATUSES, SUCCESS, compute_key, shard_name,
+)
 from raypipe.transforms.image import (
     FORMATS,
     UPRIGHT,
@@ -65,8 +67,6 @@ from raypipe.transforms.labels import label_text
 log = logging.getLogger(__name__)
 
 # img2dataset's per-sample statuses.
-SUCCESS, FAILED_TO_DOWNLOAD, FAILED_TO_RESIZE = "success", "failed_to_download", "failed_to_resize"
-STATUSES = (SUCCESS, FAILED_TO_DOWNLOAD, FAILED_TO_RESIZE)
 LABEL = "label"
 # img2dataset's own columns, in its order (the sample's schema without its saved columns id/label).
 I2D_FIELDS = [f for f in PARQUET_SCHEMA if f.name not in ("id", LABEL)]

@@ -76,7 +76,7 @@ step "ray up" "$RAY" up -y "$WORK/cluster-local.yaml" --no-config-cache > "$WORK
   || { tail -40 "$WORK/ray_up.log"; exit 1; }
 
 export RAY_AUTH_MODE=token
-"$PY" -m raypipe.sample "$WORK/sample" --num-pairs 240 --shard-size 120 --image-size 64x64 > /dev/null
+"$PY" -m raypipe.datasets.sample "$WORK/sample" --num-pairs 240 --shard-size 120 --image-size 64x64 > /dev/null
 step "ray job submit (train, 1 epoch)" "$RAY" job submit --address http://127.0.0.1:8265 --working-dir . -- \
   python jobs/train.py "data.input=$WORK/sample/webdataset" "run.storage_path=$WORK/runs" run.name=local-cluster \
   optim.epochs=1 model.conv_channels=[8] model.embed_dim=8 model.lstm_hidden=8 > "$WORK/submit.log" 2>&1 \

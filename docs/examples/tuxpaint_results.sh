@@ -8,7 +8,7 @@
 #
 # Steps: manifest (docs/examples/tuxpaint_manifest.py) -> jobs/ingest.py -> jobs/prepare.py
 # (labels.column=label) -> jobs/ablation.py (seeds, early stopping, fusion confusion matrix)
-# -> python -m raypipe.baselines -> docs/examples/tuxpaint_report.py (docs/results.md between its
+# -> python -m raypipe.tools.baselines -> docs/examples/tuxpaint_report.py (docs/results.md between its
 # GENERATED markers, docs/images/tuxpaint_*.png).
 #
 # Settings (environment):
@@ -73,7 +73,7 @@ step "ablation: seeds $SEEDS, at most $EPOCHS epochs, patience $PATIENCE"
     ${DEPARTURE_ARGS[@]+"${DEPARTURE_ARGS[@]}"} "$@"
 
 step "linear baselines"
-"$PY" -m raypipe.baselines "$WORK/prepared" --output "$WORK/runs/tuxpaint"
+"$PY" -m raypipe.tools.baselines "$WORK/prepared" --output "$WORK/runs/tuxpaint"
 
 step "report"
 "$PY" docs/examples/tuxpaint_report.py --work "$WORK" --results "$RESULTS_MD" --images "$IMAGES_DIR"

@@ -13,11 +13,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from raypipe import schema
+from raypipe.formats.img2dataset import SUCCESS, WEBDATASET_IMAGE_SUFFIXES
 from raypipe.schema import Status
 
-# img2dataset names the image member after its encode_format.
-WEBDATASET_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
-IMG2DATASET_OK = "success"
 
 
 @dataclass(frozen=True)
@@ -70,7 +68,7 @@ def normalize_table(batch: dict[str, np.ndarray], columns: InputColumns) -> dict
         out[name] = batch[name]
     if "status" in batch:  # img2dataset's own per-sample status
         for i, status in enumerate(batch["status"]):
-            if status != IMG2DATASET_OK:
+            if status != SUCCESS:
                 detail = batch["error_message"][i] if "error_message" in batch else None
                 schema.mark_failed(out, i, Status.NOT_DOWNLOADED, f"img2dataset status {status!r}: {detail}")
     return out

@@ -26,11 +26,10 @@ import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource
 
 from raypipe import schema
+from raypipe.formats.img2dataset import SUCCESS, WEBDATASET_IMAGE_SUFFIXES
 from raypipe.io.errors import InputError
 from raypipe.io.normalize import (
     IMG2DATASET_COLUMNS,
-    IMG2DATASET_OK,
-    WEBDATASET_IMAGE_SUFFIXES,
     InputColumns,
     normalize_table,
     normalize_webdataset,
@@ -143,7 +142,7 @@ def failed_downloads(filesystem: pafs.FileSystem, metadata_path: str, tar_path: 
     with pq.ParquetFile(metadata_path, filesystem=filesystem) as metadata:  # one footer read
         extra = [c for c in columns.extra if c in metadata.schema_arrow.names]
         table = metadata.read(columns=["key", "caption", "status", "error_message", *extra])
-    table = table.filter(pc.invert(pc.fill_null(pc.equal(table["status"], IMG2DATASET_OK), False)))
+    table = table.filter(pc.invert(pc.fill_null(pc.equal(table["status"], SUCCESS), False)))
     batch = {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
     batch["path"] = np.full(table.num_rows, tar_path, dtype=object)
     for name in columns.extra:

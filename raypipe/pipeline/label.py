@@ -41,17 +41,17 @@ import pyarrow.parquet as pq
 from raypipe import schema
 from raypipe.bundle import Bundle, load_bundle
 from raypipe.config import LabelJobConfig, dump_config
+from raypipe.console import say
+from raypipe.datasets import ensure_default_sample
 from raypipe.io import fs as rfs
 from raypipe.io.readers import InputPlan, plan_inputs, read_pairs
 from raypipe.io.tar import tar_members, tar_samples
 from raypipe.pipeline import predict
-from raypipe.console import say
 from raypipe.pipeline.capacity import predictor_pool
 from raypipe.pipeline.cluster import start_cluster
 from raypipe.pipeline.label_writer import (
     COUNT_OK, COUNT_ROWS, LabelError, PartWriter, output_names, output_schema, strip_scheme,
 )
-from raypipe.pipeline.prepare import ensure_default_sample
 from raypipe.schema import Status
 from raypipe.transforms.pairs import ModelInputPreparer
 from raypipe.transforms.text import ensure_wordnet

@@ -22,14 +22,14 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raypipe import schema
-from raypipe.config import DEFAULT_SAMPLE_DIR, DataConfig, DataSections, PrepareConfig, dump_config
+from raypipe.config import DataSections, PrepareConfig, dump_config
+from raypipe.datasets import ensure_default_sample
 from raypipe.errors import UserError
 from raypipe.io import fs as rfs
 from raypipe.io.readers import InputPlan, SidecarJoin, plan_inputs, read_pairs, read_sidecar
@@ -37,7 +37,8 @@ from raypipe.pipeline.cluster import start_cluster, wait_for_free_cpus
 from raypipe.schema import Status
 from raypipe.transforms.image import ImageOptions, pixels_as_bytes, unpack_images
 from raypipe.transforms.labels import COYO_LABELS, COYO_PROBS, LabelRule
-from raypipe.transforms.pairs import TOKEN, PairPreparer, SplitRule, count_batch
+from raypipe.transforms.pairs import TOKEN, PairPreparer, count_batch
+from raypipe.transforms.split import SplitRule
 from raypipe.transforms.text import TextNormalizer, TextOptions, ensure_wordnet
 from raypipe.transforms.vocab import Vocabulary
 
@@ -50,18 +51,6 @@ EXAMPLES_PER_STATUS = 5
 
 class PrepareError(UserError, RuntimeError):
     """A prepare run that cannot start or finish; the message says what to do."""
-
-
-def ensure_default_sample(data: DataConfig) -> None:
-    """Jobs run with no arguments read the built-in sample: write it on first use."""
-    if data.input != DataConfig().input:
-        return
-    sample_dir = Path(DEFAULT_SAMPLE_DIR).expanduser()
-    if not (sample_dir / "webdataset").is_dir():
-        from raypipe.sample import write_sample
-
-        log.info("writing the built-in sample to %s", sample_dir)
-        write_sample(str(sample_dir))
 
 
 def input_paths(cfg: DataSections) -> dict[str, str | None]:

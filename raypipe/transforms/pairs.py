@@ -7,23 +7,16 @@ vocabulary and the class list); ``PairPreparer`` is the second (labels, split, i
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 
 import numpy as np
 
 from raypipe import schema
 from raypipe.transforms.image import ImageOptions, preprocess_images
 from raypipe.transforms.labels import LabelRule, assign_labels, label_text
-from raypipe.transforms.split import TRAIN, assign_split
+from raypipe.transforms.split import TRAIN, SplitRule, assign_split
 from raypipe.transforms.text import TextNormalizer, TextOptions, encode_tokens
 
 TOKEN, LABEL_KIND = "token", "label"
-
-
-@dataclass(frozen=True)
-class SplitRule:
-    val_fraction: float = 0.2
-    salt: str = "raypipe"
 
 
 def _counts_to_batch(kind: str, counts: Counter) -> dict[str, np.ndarray]:

@@ -7,12 +7,21 @@ key (and the salt) only.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 
 from raypipe import schema
 
 TRAIN, VAL = "train", "val"
+
+
+@dataclass(frozen=True)
+class SplitRule:
+    """Which split a row is in: a hash of its key and ``salt`` below ``val_fraction`` is validation."""
+
+    val_fraction: float = 0.2
+    salt: str = "raypipe"
 
 
 def validation_mask(keys: np.ndarray, val_fraction: float, salt: str = "raypipe") -> np.ndarray:

@@ -32,7 +32,8 @@ from raypipe.io.readers import InputError
 from raypipe.model import FusionClassifier, ModelConfig
 from raypipe.pipeline.label import run_label
 from raypipe.pipeline.prepare import run_prepare
-from raypipe.sample import METADATA_SCHEMA, PARQUET_SCHEMA, SampleSpec, write_sample
+from raypipe.datasets.sample import SampleSpec, write_sample
+from raypipe.formats.img2dataset import METADATA_SCHEMA, PARQUET_SCHEMA
 from raypipe.transforms.image import ImageError, ImageOptions, load_rgb
 from raypipe.transforms.text import TextNormalizer, TextOptions, encode_tokens
 from raypipe.transforms.vocab import Vocabulary

@@ -39,7 +39,7 @@ def submit(cluster, *entrypoint: str, timeout: int = 600) -> str:
 def test_train_then_label_jobs_submitted_to_a_head_node(ray_cluster, tmp_path):
     """Training on the streaming path (no prepare output: raw img2dataset shards preprocessed while
     training), then labeling the Parquet shards with the bundle it wrote, both as submitted jobs."""
-    from raypipe.sample import SampleSpec, write_sample
+    from raypipe.datasets.sample import SampleSpec, write_sample
 
     sample, runs = tmp_path / "sample", tmp_path / "runs"
     write_sample(str(sample), SampleSpec(num_pairs=240, shard_size=120, image_size=(64, 64)))

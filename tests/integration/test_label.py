@@ -23,7 +23,7 @@ from raypipe.io.fs import resolve
 from raypipe.pipeline.label import SUMMARY_FILE, LabelError, run_label
 from raypipe.pipeline.prepare import run_prepare
 from raypipe.pipeline.train import run_train
-from raypipe.sample import SampleSpec, write_sample
+from raypipe.datasets.sample import SampleSpec, write_sample
 from raypipe.transforms.image import ImageError, load_rgb
 from raypipe.transforms.text import TextNormalizer, encode_tokens
 

@@ -165,7 +165,7 @@ class Pipeline:
 @pytest.fixture(scope="module")
 def s3(s3_endpoint, tmp_path_factory) -> S3:
     """A bucket with the inputs: pairs/ (3 shards of 80) and many/ (8 shards of 150), img2dataset Parquet."""
-    from raypipe.sample import SampleSpec, write_sample
+    from raypipe.datasets.sample import SampleSpec, write_sample
 
     store = S3(s3_endpoint, f"rp-mn-{uuid.uuid4().hex[:10]}")
     store.client.create_bucket(Bucket=store.bucket)

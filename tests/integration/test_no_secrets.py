@@ -18,7 +18,7 @@ import boto3
 import pytest
 import yaml
 
-from raypipe.sample import SampleSpec, write_sample
+from raypipe.datasets.sample import SampleSpec, write_sample
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -2,7 +2,7 @@
 
 Runs img2dataset on 3 JPEGs and 1 missing file served on 127.0.0.1 (tests/i2d.py), in both ``webdataset`` and ``parquet`` output formats, and
 compares file names, parquet columns and types, tar member suffixes, json keys, keys and stats files
-with ``raypipe.sample``'s output.
+with ``raypipe.datasets.sample``'s output.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import pytest
 from i2d import run_img2dataset
 from PIL import Image
 
-from raypipe import sample
+from raypipe.datasets import sample
+from raypipe.formats import img2dataset as shard_format
 
 pytestmark = pytest.mark.integration
 
@@ -84,7 +85,7 @@ def test_same_parquet_columns_and_types(real_outputs, sample_outputs, fmt):
     real = _schema(real_outputs[fmt] / "00000.parquet")
     ours = _schema(sample_outputs[fmt] / "00000.parquet")
     assert ours == real
-    expected = sample.PARQUET_SCHEMA if fmt == "parquet" else sample.METADATA_SCHEMA
+    expected = shard_format.PARQUET_SCHEMA if fmt == "parquet" else shard_format.METADATA_SCHEMA
     assert real == [(f.name, str(f.type)) for f in expected]
 
 
@@ -110,7 +111,7 @@ def test_same_row_conventions(real_outputs, sample_outputs, fmt):
                 assert Image.open(io.BytesIO(r["jpg"])).size == (r["width"], r["height"])
         # img2dataset's key: shard * 10**ceil(log10(shard_size)) + index, 5 + 3 digits here
         assert all(len(r["key"]) == 8 and r["key"].isdigit() for r in rows)
-    assert sorted(r["key"] for r in real) == [sample.compute_key(i, 0, SHARD_SIZE) for i in range(4)]
+    assert sorted(r["key"] for r in real) == [shard_format.compute_key(i, 0, SHARD_SIZE) for i in range(4)]
     assert [r["error_message"] for r in real if r["status"] != "success"] == ["HTTP Error 404: Not Found"]
 
 
@@ -128,7 +129,7 @@ def _tar_layout(path: Path) -> tuple[list[str], dict, list[str]]:
 def test_same_tar_members_and_json_keys(real_outputs, sample_outputs):
     real_suffixes, real_meta, real_attrs = _tar_layout(real_outputs["webdataset"] / "00000.tar")
     our_suffixes, our_meta, our_attrs = _tar_layout(sample_outputs["webdataset"] / "00000.tar")
-    assert our_suffixes == real_suffixes == list(sample.TAR_MEMBER_SUFFIXES)
+    assert our_suffixes == real_suffixes == list(shard_format.TAR_MEMBER_SUFFIXES)
     assert list(our_meta) == list(real_meta)  # same keys, same order
     assert {k: type(v).__name__ for k, v in our_meta.items()} == {k: type(v).__name__ for k, v in real_meta.items()}
     assert our_attrs == real_attrs

@@ -12,7 +12,7 @@ from raypipe.config import PrepareConfig, StorageConfig, TrainConfig, load_confi
 from raypipe.io.fs import resolve
 from raypipe.pipeline.prepare import run_prepare
 from raypipe.pipeline.train import run_train
-from raypipe.sample import SampleSpec, write_sample
+from raypipe.datasets.sample import SampleSpec, write_sample
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -18,7 +18,7 @@ from raypipe.io.fs import resolve
 from raypipe.pipeline.evaluate import run_evaluate
 from raypipe.pipeline.prepare import run_prepare
 from raypipe.pipeline.train import load_training_data, run_train
-from raypipe.sample import SampleSpec, write_sample
+from raypipe.datasets.sample import SampleSpec, write_sample
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

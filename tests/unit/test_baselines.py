@@ -11,7 +11,7 @@ import pytest
 
 import sklearn  # noqa: F401  (the test extra installs it; a missing one must fail, not skip)
 
-from raypipe import baselines  # noqa: E402
+from raypipe.tools import baselines  # noqa: E402
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220)]
 SIZE, LENGTH = 8, 6

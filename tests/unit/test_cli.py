@@ -13,7 +13,7 @@ import yaml
 import raypipe
 from raypipe.commands import COMMANDS
 from raypipe.config import TrainConfig, dump_config, load_config
-from raypipe.configdoc import walk
+from raypipe.tools.configdoc import walk
 
 REPO = Path(__file__).parents[2]
 RAYPIPE = Path(sys.executable).with_name("raypipe")  # the console script `pip install -e .` made

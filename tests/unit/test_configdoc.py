@@ -10,8 +10,8 @@ import pytest
 from pydantic import BaseModel, Field
 
 from raypipe import config as config_module
-from raypipe import configdoc
-from raypipe.configdoc import ConfigDocError, Job, cell, render
+from raypipe.tools import configdoc
+from raypipe.tools.configdoc import ConfigDocError, Job, cell, render
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "configuration.md"
@@ -89,9 +89,9 @@ def rows_for_job(text: str, script: str) -> dict[str, list[str]]:
 
 
 def test_configuration_md_is_up_to_date():
-    assert DOC.is_file(), "docs/configuration.md is missing; run: python -m raypipe.configdoc"
+    assert DOC.is_file(), "docs/configuration.md is missing; run: python -m raypipe.tools.configdoc"
     assert DOC.read_text(encoding="utf-8") == render(), (
-        "docs/configuration.md is stale; run: python -m raypipe.configdoc"
+        "docs/configuration.md is stale; run: python -m raypipe.tools.configdoc"
     )
 
 
@@ -169,4 +169,4 @@ def test_main_writes_and_check_reports_staleness(monkeypatch, tmp_path, capsys):
     assert configdoc.main(["--check"]) == 0
     target.write_text(target.read_text(encoding="utf-8") + "edited\n", encoding="utf-8")
     assert configdoc.main(["--check"]) == 1
-    assert "docs/configuration.md is stale; run: python -m raypipe.configdoc" in capsys.readouterr().err
+    assert "docs/configuration.md is stale; run: python -m raypipe.tools.configdoc" in capsys.readouterr().err

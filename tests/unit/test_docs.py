@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from raypipe.configdoc import discover_jobs
+from raypipe.tools.configdoc import discover_jobs
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

@@ -32,7 +32,7 @@ from raypipe.ingest import (
 )
 from raypipe.io.normalize import normalize_table
 from raypipe.io.readers import plan_inputs
-from raypipe.sample import PARQUET_SCHEMA, compute_key
+from raypipe.formats.img2dataset import PARQUET_SCHEMA, compute_key
 from raypipe.schema import Status
 
 OPTS = EncodeOptions()

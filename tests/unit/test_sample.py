@@ -1,4 +1,4 @@
-"""raypipe.sample: deterministic, img2dataset-shaped, and class evidence split between image and text."""
+"""raypipe.datasets.sample: deterministic, img2dataset-shaped, and class evidence split between image and text."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from raypipe import sample
-from raypipe.sample import CLASSES, SampleSpec, write_sample
+from raypipe.datasets import sample
+from raypipe.formats import img2dataset as shard_format
+from raypipe.datasets.sample import CLASSES, SampleSpec, write_sample
 
 # Non-square on purpose: image_size is (width, height).
 SPEC = SampleSpec(num_pairs=1600, shard_size=400, image_size=(96, 64), failed_fraction=0.03, seed=7)
@@ -93,10 +94,10 @@ def test_a_row_does_not_depend_on_sharding():
 
 
 def test_compute_key_is_img2datasets():
-    assert sample.compute_key(42, 1, 500) == "00001042"  # ceil(log10(500)) = 3 digits for the index
-    assert sample.compute_key(42, 1, 10000) == "000010042"  # img2dataset's default shard size
-    assert sample.compute_key(999, 0, 1000) == "00000999"
-    assert sample.compute_key(0, 12, 1001) == "000120000"
+    assert shard_format.compute_key(42, 1, 500) == "00001042"  # ceil(log10(500)) = 3 digits for the index
+    assert shard_format.compute_key(42, 1, 10000) == "000010042"  # img2dataset's default shard size
+    assert shard_format.compute_key(999, 0, 1000) == "00000999"
+    assert shard_format.compute_key(0, 12, 1001) == "000120000"
 
 
 def test_layout_and_summary(written):
@@ -132,7 +133,7 @@ def test_parquet_columns_and_types(written, fmt):
 def test_rows(rows):
     assert len(rows) == SPEC.num_pairs
     keys = [r["key"] for r in rows]
-    assert keys == [sample.compute_key(i % SPEC.shard_size, i // SPEC.shard_size, SPEC.shard_size) for i in range(len(rows))]
+    assert keys == [shard_format.compute_key(i % SPEC.shard_size, i // SPEC.shard_size, SPEC.shard_size) for i in range(len(rows))]
     assert len({r["id"] for r in rows}) == len(rows)
     assert all(10**12 <= r["id"] < 10**13 for r in rows)
     assert {r["label"] for r in rows} == set(CLASSES)

@@ -18,7 +18,7 @@ from test_storage_errors import checked_store  # noqa: F401 (a fixture: a moto s
 
 from raypipe.cli import run_job
 from raypipe.config import ConfigError, IngestConfig, PrepareConfig, dump_config, load_config, mask_url_credentials
-from raypipe.configdoc import discover_jobs, is_section
+from raypipe.tools.configdoc import discover_jobs, is_section
 from raypipe.io import fs as rfs
 from raypipe.io.fs import StorageError
 

@@ -18,7 +18,7 @@ from raypipe.config import FOLDER_NAME_PATTERN, AblationConfig, ConfigError, Sto
 from raypipe.pipeline.ablation import planned_runs
 from raypipe.pipeline.label_writer import output_names
 from raypipe.pipeline.predict import BundlePredictor
-from raypipe.sample import shard_name
+from raypipe.formats.img2dataset import shard_name
 
 
 class CreatesFile:

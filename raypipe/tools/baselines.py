@@ -1,7 +1,7 @@
 """Linear baselines on a prepared split, for reference beside the neural ablation (scikit-learn,
 ``pip install -e '.[results]'``).
 
-    python -m raypipe.baselines ~/.cache/raypipe/prepared [--output DIR] [--pca 100]
+    python -m raypipe.tools.baselines ~/.cache/raypipe/prepared [--output DIR] [--pca 100]
 
 On the rows of a ``jobs/prepare.py`` output with status ok, using its ``split`` column (the same
 80/20 split the neural models train and validate on) and the same inputs they see:
@@ -170,7 +170,7 @@ def table_markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m raypipe.baselines", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m raypipe.tools.baselines", description=__doc__.split("\n\n")[0])
     p.add_argument("prepared", help="a jobs/prepare.py output (local path or URL)")
     p.add_argument("--output", help="folder (path or URL) for baselines.json and baselines.md")
     p.add_argument("--pca", type=int, default=100, help="PCA components of the image baseline (default 100)")

@@ -1,7 +1,7 @@
 """docs/configuration.md, generated from the pydantic models of raypipe/config.py.
 
-    python -m raypipe.configdoc            # (re)write docs/configuration.md
-    python -m raypipe.configdoc --check    # exit 1 when docs/configuration.md is stale
+    python -m raypipe.tools.configdoc            # (re)write docs/configuration.md
+    python -m raypipe.tools.configdoc --check    # exit 1 when docs/configuration.md is stale
 
 The jobs are those of ``raypipe.commands`` (the `raypipe` command's and jobs/*.py's); every model is walked
 generically (``model_fields``, annotations, ``FieldInfo``): a field whose annotation is a pydantic model
@@ -30,11 +30,11 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DOC_PATH = REPO_ROOT / "docs" / "configuration.md"
 JOBS_DIR = REPO_ROOT / "jobs"
 DOC_NAME = "docs/configuration.md"
-COMMAND = "python -m raypipe.configdoc"
+COMMAND = "python -m raypipe.tools.configdoc"
 STALE_MESSAGE = f"{DOC_NAME} is stale; run: {COMMAND}"
 
 
@@ -173,7 +173,7 @@ def constraints(info: FieldInfo, key: str) -> list[str]:
                 out.append(f"matches `{value}`" if name == "pattern" else f"{name}: {yaml_value(value)}")
         else:
             raise ConfigDocError(f"{key}: cannot document the constraint {type(meta).__name__}; extend "
-                                 "raypipe/configdoc.py:constraints()")
+                                 "raypipe/tools/configdoc.py:constraints()")
     return out
 
 

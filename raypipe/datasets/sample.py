@@ -75,7 +75,7 @@ Noise, so that no modality is perfect:
 
 Usage::
 
-    python -m raypipe.sample OUTPUT_DIR [--num-pairs N] [--image-size 640x480]
+    python -m raypipe.datasets.sample OUTPUT_DIR [--num-pairs N] [--image-size 640x480]
                                         [--formats webdataset,parquet] [--shard-size N] [--seed N]
 """
 
@@ -99,6 +99,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
+
+from raypipe.formats.img2dataset import (
+    FAILED_TO_DOWNLOAD, METADATA_SCHEMA, PARQUET_ROW_GROUP, PARQUET_SCHEMA, SUCCESS,
+    TAR_MEMBER_SUFFIXES, compute_key, shard_name,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Classes and groups
@@ -133,48 +138,9 @@ KOREAN_CAPTION_FRACTION = 0.04
 # img2dataset's formats
 # --------------------------------------------------------------------------------------------------
 
-ADDITIONAL_COLUMNS: tuple[str, ...] = ("id", "label")  # save_additional_columns of a COYO download
-
-# Schema of the metadata parquet beside each tar (and of the parquet output without ``jpg``):
-# the input columns (save_additional_columns + caption + url) then what img2dataset's Downloader
-# appends (key ... original_height, exif when extract_exif, sha256 when compute_hash="sha256").
-METADATA_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.int64()),
-        pa.field("label", pa.string()),
-        pa.field("caption", pa.string()),
-        pa.field("url", pa.string()),
-        pa.field("key", pa.string()),
-        pa.field("status", pa.string()),
-        pa.field("error_message", pa.string()),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-        pa.field("original_width", pa.int32()),
-        pa.field("original_height", pa.int32()),
-        pa.field("exif", pa.string()),
-        pa.field("sha256", pa.string()),
-    ]
-)
-# ParquetSampleWriter appends the image column (named after encode_format).
-PARQUET_SCHEMA = METADATA_SCHEMA.append(pa.field("jpg", pa.binary()))
-
-TAR_MEMBER_SUFFIXES: tuple[str, ...] = ("jpg", "json", "txt")  # TarWriter writes sorted(keys)
-OOM_SHARD_COUNT = 5  # img2dataset's default: shard names are {shard:05d}
-PARQUET_ROW_GROUP = 100  # BufferedParquetWriter's buffer size
 _TAR_USER = "bigdata"  # webdataset TarWriter's default user/group
 _TAR_MODE = 0o444  # webdataset TarWriter's default mode
 _STATS_EPOCH = 1_700_000_000.0  # fake, fixed start time of the first shard (stats, tar mtimes)
-
-
-def shard_name(shard_id: int) -> str:
-    return f"{shard_id:0{OOM_SHARD_COUNT}d}"
-
-
-def compute_key(index: int, shard_id: int, shard_size: int) -> str:
-    """img2dataset.downloader.compute_key for the ``index``-th sample of shard ``shard_id``."""
-    oom_sample_per_shard = math.ceil(math.log10(shard_size))
-    true_key = (10**oom_sample_per_shard) * shard_id + index
-    return f"{true_key:0{oom_sample_per_shard + OOM_SHARD_COUNT}d}"
 
 
 @dataclass(frozen=True)
@@ -616,14 +582,14 @@ def iter_samples(spec: SampleSpec = SampleSpec()) -> Iterator[dict]:
             "sha256": None,
         }
         if failed[i]:
-            row["status"] = "failed_to_download"
+            row["status"] = FAILED_TO_DOWNLOAD
             row["error_message"] = _ERRORS[int(rng.choice(len(_ERRORS), p=_ERROR_WEIGHTS))]
             jpg = None
         else:
             jpg = _make_image(rng, image_group, w, h, hard)
             scale = float(rng.choice([1.0, 1.0, 1.25, 1.5, 2.0, 3.0]))  # stored images were downscaled
             row.update(
-                status="success",
+                status=SUCCESS,
                 width=w,
                 height=h,
                 original_width=int(round(w * scale)),
@@ -681,14 +647,14 @@ def _write_tar(fs, path: str, rows: list[dict], shard_id: int) -> None:
 def _write_stats(fs, path: str, rows: list[dict], shard_id: int) -> None:
     status_dict: Counter = Counter()
     for r in rows:
-        status_dict[r["status"] if r["status"] == "success" else r["error_message"]] += 1
-    successes = sum(r["status"] == "success" for r in rows)
+        status_dict[r["status"] if r["status"] == SUCCESS else r["error_message"]] += 1
+    successes = sum(r["status"] == SUCCESS for r in rows)
     duration = round(0.5 + 0.004 * len(rows), 3)  # fixed fake timings keep the files reproducible
     start = _STATS_EPOCH + 60.0 * shard_id
     stats = {
         "count": len(rows),
         "successes": successes,
-        "failed_to_download": sum(r["status"] == "failed_to_download" for r in rows),
+        "failed_to_download": sum(r["status"] == FAILED_TO_DOWNLOAD for r in rows),
         "failed_to_resize": sum(r["status"] == "failed_to_resize" for r in rows),
         "duration": duration,
         "start_time": start,
@@ -797,7 +763,7 @@ def _parse_formats(text: str) -> tuple[str, ...]:
 def main(argv: list[str] | None = None) -> int:
     d = SampleSpec()
     p = argparse.ArgumentParser(
-        prog="python -m raypipe.sample",
+        prog="python -m raypipe.datasets.sample",
         description="Write the deterministic built-in sample in img2dataset's webdataset/parquet formats.",
     )
     p.add_argument("output_dir", help="output directory or fsspec URL (webdataset/ and parquet/ go under it)")

@@ -1,0 +1,1 @@
+"""The formats raypipe reads that others define: img2dataset's shards (COYO downloads)."""

@@ -1,0 +1,1 @@
+"""Tools around the jobs: linear baselines for results, the configuration reference generator."""
