@@ -177,10 +177,19 @@ class LabelConfig(Section):
     join_on: str = Field("key", description="Column present in both the shards and the sidecar, e.g. key or id.")
     classes: list[str] | None = Field(
         None,
-        description="The class list, in order (ids are positions). Default for source=column: every distinct "
-        "label in the data, sorted. Required for coyo_labeled (ImageNet-21k ids as strings).",
+        description="The class list, in order (ids are positions); names or integers (matched against the labels "
+        "as text). Default for source=column: every distinct label in the data, sorted (integer labels by value). "
+        "Required for coyo_labeled (ImageNet-21k ids).",
     )
     min_prob: float = Field(0.5, ge=0.0, le=1.0, description="coyo_labeled: minimum probability of the top-1 class.")
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _classes_as_text(cls, classes: Any) -> Any:
+        # Labels are compared as text (label_text: 7 and 7.0 are "7"); YAML reads [1, 2] as integers.
+        if isinstance(classes, list):
+            return [str(c) if isinstance(c, int) and not isinstance(c, bool) else c for c in classes]
+        return classes
 
     @model_validator(mode="after")
     def _coyo_needs_classes(self) -> LabelConfig:

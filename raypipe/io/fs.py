@@ -292,3 +292,29 @@ def is_nonempty_dir(loc: Location) -> bool:
 def delete_dir(loc: Location) -> None:
     if exists(loc):
         loc.fs.delete_dir(loc.path)
+
+
+def replace_with(staged: Location, target: Location, names: tuple[str, ...]) -> None:
+    """Puts the files and folders ``names`` of ``staged`` in place of those of ``target``, then removes
+    ``staged``. Object stores have no rename of a folder, so each file is moved on its own; what is
+    replaced is deleted only now, after the new output is complete."""
+    try:
+        for name in names:
+            old, new = target.join(name), staged.join(name)
+            info = target.fs.get_file_info(old.path)
+            if info.type == pafs.FileType.Directory:
+                target.fs.delete_dir(old.path)
+            elif info.type == pafs.FileType.File:
+                target.fs.delete_file(old.path)
+            new_info = staged.fs.get_file_info(new.path)
+            if new_info.type == pafs.FileType.File:
+                staged.fs.move(new.path, old.path)
+                continue
+            for item in staged.fs.get_file_info(pafs.FileSelector(new.path, recursive=True)):
+                if item.type == pafs.FileType.File:
+                    destination = posixpath.join(old.path, posixpath.relpath(item.path, new.path))
+                    target.fs.create_dir(posixpath.dirname(destination), recursive=True)
+                    staged.fs.move(item.path, destination)
+        delete_dir(staged)
+    except (OSError, ValueError) as e:
+        raise StorageError(_describe_failure(target, e)) from None

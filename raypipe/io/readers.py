@@ -8,6 +8,7 @@ short names the file at once.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -86,6 +87,22 @@ def _check_tars(filesystem: pafs.FileSystem, files: list[str]) -> None:
     _each_file(check, files)
 
 
+def _first_sample_fields(filesystem: pafs.FileSystem, tars: list[str]) -> set[str] | None:
+    """The fields of the first sample's .json (where img2dataset keeps a sample's extra columns), read
+    from the front of the first tar that has one; None when no tar has a sample."""
+    from raypipe.io.tar import tar_members, tar_samples
+
+    for path in tars:
+        with filesystem.open_input_stream(path) as stream:
+            for _, members in tar_samples(tar_members(stream, path, keep=lambda name: name.endswith(".json"))):
+                try:
+                    meta = json.loads(members.get("json", b"{}"))
+                except ValueError:
+                    meta = None
+                return set(meta) if isinstance(meta, dict) else set()
+    return None
+
+
 def _check_table_schema(path: str, table_schema: pa.Schema, columns: InputColumns, config_hint: bool) -> None:
     names = set(table_schema.names)
     required = {
@@ -122,6 +139,14 @@ def plan_inputs(data: DataConfig, storage: StorageConfig, extra_columns: tuple[s
         metadata = tuple(i.path for i in infos if i.type == pafs.FileType.File)
         # A sample's .json holds its extra columns; img2dataset's .parquet beside the tar has their types.
         known = _read_schemas(filesystem, list(metadata[:1]))
+        found = set(known[0].names) if known else _first_sample_fields(filesystem, files)
+        missing = [c for c in extra_columns if found is not None and c not in found]
+        if missing:
+            where = metadata[0] if known else f"the first sample's .json in {files[0]}"
+            raise InputError(
+                f"{where}: column(s) {missing} missing; the samples have {sorted(found)}. Set labels.column (or "
+                "labels.source=none for unlabeled data) and data.keep_columns to columns the shards have."
+            )
         types = {c: known[0].field(c).type if known and c in known[0].names else pa.string() for c in extra_columns}
         return InputPlan(fmt, filesystem, tuple(files), InputColumns(extra=extra_columns), metadata, types)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from functools import partial
@@ -36,7 +37,7 @@ from raypipe.io.readers import InputPlan, SidecarJoin, plan_inputs, read_pairs, 
 from raypipe.pipeline.cluster import start_cluster, wait_for_free_cpus
 from raypipe.schema import Status
 from raypipe.transforms.image import ImageOptions, pixels_as_bytes, unpack_images
-from raypipe.transforms.labels import COYO_LABELS, COYO_PROBS, LabelRule
+from raypipe.transforms.labels import COYO_LABELS, COYO_PROBS, LabelRule, class_order
 from raypipe.transforms.pairs import TOKEN, PairPreparer, count_batch
 from raypipe.transforms.split import SplitRule
 from raypipe.transforms.text import TextNormalizer, TextOptions, ensure_wordnet
@@ -45,6 +46,7 @@ from raypipe.transforms.vocab import Vocabulary
 log = logging.getLogger(__name__)
 
 PREPARED_DIR = "prepared"
+STAGING_PREFIX = ".staging-"  # a run's output until it is complete
 VOCAB_FILE, CLASSES_FILE, STATS_FILE, CONFIG_FILE = "vocab.json", "classes.json", "stats.json", "prepare_config.json"
 EXAMPLES_PER_STATUS = 5
 
@@ -65,12 +67,12 @@ def _label_inputs(cfg: DataSections) -> tuple[str, ...]:
 
 
 def _check_output(cfg: PrepareConfig) -> rfs.Location:
+    """The output location; an existing prepare output is refused unless overwrite=true, and even then
+    left in place until the new one is complete (``run_prepare`` writes to a staging folder first)."""
     out = rfs.resolve_output(cfg.output, cfg.storage)
     prepared = out.join(PREPARED_DIR)
-    if rfs.is_nonempty_dir(prepared):
-        if not cfg.overwrite:
-            raise PrepareError(f"{prepared.url} already holds prepared data; pass overwrite=true to replace it")
-        rfs.delete_dir(prepared)
+    if rfs.is_nonempty_dir(prepared) and not cfg.overwrite:
+        raise PrepareError(f"{prepared.url} already holds prepared data; pass overwrite=true to replace it")
     return out
 
 
@@ -132,7 +134,7 @@ def build_vocab_and_classes(plan: PreparePlan) -> tuple[Vocabulary, tuple[str, .
         for kind, name, count in zip(batch["kind"], batch["name"], batch["count"]):
             (tokens if kind == TOKEN else labels)[name] += int(count)
     wait_for_free_cpus()  # pass 2 starts right away
-    classes = configured or tuple(sorted(labels))
+    classes = configured or tuple(sorted(labels, key=class_order))
     if cfg.labels.source != "none" and not classes:
         raise PrepareError(f"no labels found in column {cfg.labels.column!r} of {cfg.data.input}")
     return Vocabulary.from_counts(tokens, cfg.vocab.min_freq, cfg.vocab.max_size), classes, dict(labels)
@@ -208,25 +210,38 @@ def _for_parquet(table: pa.Table) -> pa.Table:
 
 def run_prepare(cfg: PrepareConfig) -> dict:
     started = time.perf_counter()
-    out = _check_output(cfg)
     plan = plan_prepare(cfg)  # everything that can be checked without a cluster is checked first
+    out = _check_output(cfg)
     start_cluster(cfg.ray, cfg.storage, {**input_paths(cfg), "output": cfg.output})
     vocab, classes, _ = build_vocab_and_classes(plan)
-    prepared_dir = out.join(PREPARED_DIR)
+    # The new output is written beside the old one and replaces it only once complete and usable: a run
+    # that fails (or finds no usable row) leaves an existing output as it was.
+    staged = out.join(f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
+    prepared_dir = staged.join(PREPARED_DIR)
     prepared_dataset(plan, vocab, classes).map_batches(_for_parquet, batch_format="pyarrow").write_parquet(
         prepared_dir.path, filesystem=prepared_dir.fs
     )
-
-    rfs.write_text(out.join(VOCAB_FILE), vocab.to_json())
-    rfs.write_text(out.join(CLASSES_FILE), json.dumps(list(classes), ensure_ascii=False, indent=1))
-    rfs.write_text(out.join(CONFIG_FILE), json.dumps(dump_config(cfg), indent=1))
     stats = collect_stats(prepared_dir)
+    if stats["rows_ok"] == 0:
+        rfs.delete_dir(staged)
+        examples = "; ".join(
+            f"{status}: {found[0]['error_message']}" for status, found in stats["error_examples"].items()
+        )
+        raise PrepareError(
+            f"no usable row in {', '.join(cfg.data.input)}: {stats['rows_in']} rows read, by status "
+            f"{stats['by_status']}{f' (e.g. {examples})' if examples else ''}. Check the label settings "
+            f"(labels.*) and the column settings (data.*); nothing was written to {out.url}"
+        )
+    rfs.write_text(staged.join(VOCAB_FILE), vocab.to_json())
+    rfs.write_text(staged.join(CLASSES_FILE), json.dumps(list(classes), ensure_ascii=False, indent=1))
+    rfs.write_text(staged.join(CONFIG_FILE), json.dumps(dump_config(cfg), indent=1))
     stats.update(
         vocab_size=len(vocab), num_classes=len(classes), input_format=plan.inputs.format,
         input_files=len(plan.inputs.files), elapsed_s=round(time.perf_counter() - started, 2), output=out.url,
     )
     stats["rows_per_s"] = round(stats["rows_in"] / stats["elapsed_s"], 1) if stats["elapsed_s"] else None
-    rfs.write_text(out.join(STATS_FILE), json.dumps(stats, indent=1, ensure_ascii=False))
+    rfs.write_text(staged.join(STATS_FILE), json.dumps(stats, indent=1, ensure_ascii=False))
+    rfs.replace_with(staged, out, (PREPARED_DIR, VOCAB_FILE, CLASSES_FILE, CONFIG_FILE, STATS_FILE))
     return stats
 
 

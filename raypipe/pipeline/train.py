@@ -74,18 +74,32 @@ def _split_datasets(ds) -> tuple[object, object]:
     )
 
 
+def check_trainable(source: str, class_counts: dict[str, int], train_rows: int | None) -> None:
+    """Refuses data a classifier cannot be trained on: no usable training row, or one class only."""
+    if train_rows == 0:
+        raise TrainError(f"{source} has no usable row in the training split; see its stats.json (by_status) and "
+                         "the split settings (split.val_fraction)")
+    seen = sorted(name for name, count in class_counts.items() if count > 0)
+    if len(seen) < 2:
+        raise TrainError(f"{source} has labeled rows of {len(seen)} class(es) ({seen}); a classifier needs two or "
+                         "more. Check labels.column / labels.classes, or the input")
+
+
 def load_training_data(cfg: TrainConfig) -> TrainingData:
     """From a prepare output, or streamed from raw shards. Starts Ray only after the checks."""
     if cfg.prepared is None:
         plan = plan_prepare(cfg)
         start_cluster(cfg.ray, cfg.storage, {**input_paths(cfg), "run.storage_path": cfg.run.storage_path})
         vocab, classes, label_counts = build_vocab_and_classes(plan)
+        check_trainable(", ".join(cfg.data.input), label_counts, None)
         train, val = _split_datasets(prepared_dataset(plan, vocab, classes))
         return TrainingData(train, val, vocab, classes, cfg.image, cfg.text, label_counts)
 
     prepared = PreparedOutput.open(rfs.resolve(cfg.prepared, cfg.storage))
     if not prepared.classes:
         raise TrainError(f"{cfg.prepared} has no classes (prepared with labels.source=none?); training needs labels")
+    train_rows = prepared.stats.get("ok_by_split", {}).get(TRAIN, 0)
+    check_trainable(cfg.prepared, prepared.stats.get("ok_by_class", {}), train_rows)
     start_cluster(cfg.ray, cfg.storage, {"prepared": cfg.prepared, "run.storage_path": cfg.run.storage_path})
     train, val = _split_datasets(prepared.rows(SPLIT_INPUT_COLUMNS))
     decoded_mib = prepared.stats.get("rows_ok", 0) * decoded_row_bytes(prepared.image, prepared.text) / 2**20
@@ -95,7 +109,7 @@ def load_training_data(cfg: TrainConfig) -> TrainingData:
         train, val = cached(train), cached(val)
     return TrainingData(
         train, val, prepared.vocab, prepared.classes, prepared.image, prepared.text,
-        prepared.stats.get("ok_by_class", {}), prepared.stats.get("ok_by_split", {}).get(TRAIN),
+        prepared.stats.get("ok_by_class", {}), train_rows,
     )
 
 

@@ -42,6 +42,14 @@ def label_text(value: Any) -> str | None:
     return text or None
 
 
+def class_order(name: str) -> tuple:
+    """Sort key of class names: integer names by value (2 before 10), then the others as text."""
+    try:
+        return (0, int(name), "")
+    except ValueError:
+        return (1, 0, name)
+
+
 def _coyo_top1(labels: Any, probs: Any, allowed: dict[str, int], min_prob: float) -> tuple[str | None, str]:
     """Top-1 of COYO-Labeled-300M's (ImageNet-21k id, probability) lists among the allowed classes."""
     if labels is None or probs is None or len(labels) == 0:

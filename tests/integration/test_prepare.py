@@ -125,6 +125,20 @@ def test_img2dataset_parquet_with_sidecar_labels_and_passthrough(ray_cluster, tm
     with pytest.raises(PrepareError, match="overwrite=true"):
         run_prepare(cfg)
 
+    # With overwrite=true, a run that finds no usable row fails and leaves the output as it was.
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    no_class = cfg.model_copy(update={"overwrite": True, "labels": cfg.labels.model_copy(update={"classes": ["zebra"]})})
+    with pytest.raises(PrepareError, match=r"no usable row in .*'unknown_label': 23.*nothing was written"):
+        run_prepare(no_class)
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert after == before
+
+    # A run that can go replaces it whole, and leaves no staging folder behind.
+    fewer = cfg.model_copy(update={"overwrite": True, "data": cfg.data.model_copy(update={"limit": 10})})
+    assert run_prepare(fewer)["rows_in"] == 10
+    assert [p.name for p in (tmp_path / "out").iterdir()] and not list((tmp_path / "out").glob(".staging-*"))
+    assert _read_prepared(str(tmp_path / "out")).num_rows == 10
+
 
 def test_plain_parquet_with_a_missing_column_names_the_file(tmp_path):
     path = tmp_path / "pairs.parquet"

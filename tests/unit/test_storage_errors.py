@@ -205,7 +205,7 @@ def test_job_scripts_end_with_one_line_naming_the_url(store, checked_store):
          ("s3://no-such-bucket/runs", "there is no bucket")),
         ("prepare", prepare_args("checked", f"storage.endpoint_url={checked_store[0]}"),
          {"AWS_ACCESS_KEY_ID": checked_store[1], "AWS_SECRET_ACCESS_KEY": "not-the-secret"},
-         ("s3://checked/out", "access denied")),
+         ("s3://checked/pairs", "access denied")),  # the inputs are checked before the output is touched
     ]
     for job, args, env, expected in cases:
         done, seconds = run_script(job, *args, env=env)

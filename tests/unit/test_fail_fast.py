@@ -1,0 +1,47 @@
+"""Settings that cannot work with the input are named before any cluster work, from file metadata or
+the first sample: a label column the shards do not have, in Parquet footers and in WebDataset tars."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raypipe.config import PrepareConfig, load_config
+from raypipe.io.errors import InputError
+from raypipe.pipeline.prepare import plan_prepare
+
+
+def write_tar(path, samples: list[dict]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for sample in samples:
+            for suffix, data in (("json", json.dumps(sample).encode()), ("txt", sample["caption"].encode())):
+                info = tarfile.TarInfo(f"{sample['key']}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def plan(*overrides: str):
+    return plan_prepare(load_config(PrepareConfig, None, ["text.lemmatize=false", *overrides]))
+
+
+def test_a_label_column_the_tar_samples_lack_is_named_from_the_first_sample(tmp_path):
+    write_tar(tmp_path / "00000.tar", [{"key": "000", "caption": "a cat"}, {"key": "001", "caption": "a dog"}])
+    with pytest.raises(InputError, match=r"first sample's .json in .*00000.tar: column\(s\) \['label'\] missing; "
+                                         r"the samples have \['caption', 'key'\]. Set labels.column"):
+        plan(f"data.input={tmp_path / '00000.tar'}")
+    assert plan(f"data.input={tmp_path / '00000.tar'}", "labels.source=none").inputs.format == "webdataset"
+
+
+def test_a_label_column_is_checked_in_the_metadata_beside_the_tar(tmp_path):
+    write_tar(tmp_path / "00000.tar", [{"key": "000", "caption": "a cat", "category": "cat"}])
+    pq.write_table(pa.table({"key": ["000"], "caption": ["a cat"], "status": ["success"], "category": ["cat"]}),
+                   tmp_path / "00000.parquet")
+    assert plan(f"data.input={tmp_path / '00000.tar'}", "labels.column=category").inputs.column_types == {
+        "category": pa.string()}
+    with pytest.raises(InputError, match=r"00000.parquet: column\(s\) \['label'\] missing"):
+        plan(f"data.input={tmp_path / '00000.tar'}")
