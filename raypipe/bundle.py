@@ -2,7 +2,8 @@
 as the model was trained.
 
     model.pt      a plain state_dict, loaded with torch.load(weights_only=True): never unpickles objects
-    config.json   model hyper-parameters + preprocessing (image and text options)
+    config.json   model hyper-parameters + preprocessing (image and text options) + the precision the
+                  model was trained and validated in (``precision``: fp32, bf16 or fp16; absent = fp32)
     vocab.json    the vocabulary (0 pad, 1 unknown)
     classes.json  class names; a label id is a position in it
     metrics.json  final and per-epoch metrics of the run that produced it
@@ -14,7 +15,7 @@ import hashlib
 import io
 import json
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +29,7 @@ from raypipe.transforms.vocab import Vocabulary
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, VOCAB, CLASSES, METRICS = "model.pt", "config.json", "vocab.json", "classes.json", "metrics.json"
+FP32 = {"trained": "fp32", "validated": "fp32"}  # bundles written before the precision was recorded
 
 
 class BundleError(UserError, RuntimeError):
@@ -45,6 +47,7 @@ class Bundle:
     metrics: dict
     url: str = ""
     identity: str = ""  # sha256 of model.pt (first 16 hex digits): which model labeled a row
+    precision: dict[str, str] = field(default_factory=lambda: dict(FP32))  # {"trained": ..., "validated": ...}
 
     def build_model(self, device: torch.device | str = "cpu") -> FusionClassifier:
         model = FusionClassifier(self.model_config)
@@ -67,6 +70,7 @@ def save_bundle(url: str, storage: StorageConfig, bundle: Bundle) -> str:
         "model": bundle.model_config.to_dict(),
         "image": bundle.image.model_dump(),
         "text": bundle.text.model_dump(),
+        "precision": bundle.precision,
     }
     rfs.write_bytes(loc.join(WEIGHTS), weights)
     rfs.write_text(loc.join(CONFIG), json.dumps(config, indent=1))
@@ -108,6 +112,7 @@ def load_bundle(url: str, storage: StorageConfig) -> Bundle:
             metrics=json.loads(rfs.read_text(loc.join(METRICS))),
             url=url,
             identity=hashlib.sha256(weights).hexdigest()[:16],
+            precision={**FP32, **config.get("precision", {})},
         )
     except rfs.StorageError as e:
         raise BundleError(f"cannot load the model bundle at {url}: {e}") from None

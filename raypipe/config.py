@@ -554,6 +554,12 @@ class PredictSection(Section):
     )
     use_gpu: bool = Field(False, description="One GPU per predictor actor.")
     top_k: int = Field(3, ge=1, description="How many best classes (with scores) each row gets.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Arithmetic of the model's forward pass (the weights stay fp32; rows whose two best scores are "
+        "within 0.05 are run again in fp32). Default: on a GPU bf16 (fp16 where it has no bf16); on a CPU bf16 "
+        "where it has native bf16 (AVX512-BF16 or AMX), else fp32. See docs/labeling.md (Precision).",
+    )
 
 
 class EvaluateConfig(ReadSections):

@@ -67,7 +67,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         rows = rows.map_batches(schema.Typed(rows_of_split), fn_args=(cfg.which_split,), batch_format="numpy")
     predictions = rows.map_batches(
         BundlePredictor,
-        fn_constructor_args=(cfg.bundle, cfg.storage, cfg.predict.top_k),
+        fn_constructor_args=(cfg.bundle, cfg.storage, cfg.predict.top_k, None, 0, None, cfg.predict.precision),
         batch_size=cfg.predict.batch_size,
         batch_format="numpy",
         **compute,

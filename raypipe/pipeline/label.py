@@ -249,7 +249,7 @@ def labeled_dataset(plan: LabelPlan, compute: dict):
             predict.BundlePredictor,
             fn_constructor_args=(cfg.bundle, cfg.storage, cfg.predict.top_k, None,
                                  cfg.explain_words if cfg.explain else 0,
-                                 {c: plan.inputs.column_types[c] for c in cfg.data.keep_columns}),
+                                 {c: plan.inputs.column_types[c] for c in cfg.data.keep_columns}, cfg.predict.precision),
             batch_size=cfg.predict.batch_size,
             batch_format="numpy",
             **compute,
@@ -339,6 +339,7 @@ def run_label(cfg: LabelJobConfig) -> dict:
         model=bundle.identity,
         mode=bundle.model_config.mode,
         input_format=plan.inputs.format,
+        precision=predict.pool_precision(cfg.predict.precision, pool if plan.pending else None),
     )
     rfs.write_text(out.join(SUMMARY_FILE), json.dumps(summary, indent=1, ensure_ascii=False))
     return summary

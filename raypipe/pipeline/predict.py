@@ -20,6 +20,36 @@ from raypipe.schema import (
 # whole 256-row batch, which also holds ~170 MB of activations at once). A GPU takes the whole batch.
 CPU_CHUNK_ROWS = 32
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# In bf16/fp16, a row whose best two class probabilities are closer than this is run again in fp32. On the
+# sample, bf16 moves a probability by at most ~0.02, so a gap of 0.05 cannot flip; 1-2.5% of rows are rerun.
+RECHECK_MARGIN = 0.05
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmul/conv in hardware. Without them oneDNN emulates bf16 (slower than fp32)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
+
+
+def resolve_precision(requested: str, device_type: str) -> str:
+    """``predict.precision`` on a device: "auto" is bf16 on a GPU that has it (else fp16), and on a CPU
+    with native bf16 (faster there, measured in docs/labeling.md "Precision"), else fp32."""
+    if requested == "auto":
+        if device_type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if device_type == "cpu" and cpu_has_native_bf16() else "fp32"
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be auto or one of {PRECISIONS}, got {requested!r}")
+    return requested
+
+
+def pool_precision(requested: str, compute: dict | None) -> str:
+    """The precision a predictor pool (``capacity.predictor_pool``'s answer) labels with, as resolved on
+    this machine: GPU actors when the pool has GPUs, else CPU ones (same CPU kind as the driver assumed)."""
+    return resolve_precision(requested, "cuda" if compute and "num_gpus" in compute else "cpu")
+
 
 class BundlePredictor:
     """Prepared rows in; out, the same rows without the model inputs (image, tokens) and with
@@ -34,10 +64,12 @@ class BundlePredictor:
         device: str | None = None,
         explain_words: int = 0,
         passthrough: Mapping[str, pa.DataType] | None = None,
+        precision: str = "auto",
     ):
         """``explain_words`` > 0 adds, for models that read text, the words the attention weighted most
         (vocabulary tokens, ``<unk>`` for words outside it) and their weights, most weighted first.
-        ``passthrough``: the Arrow types of the input columns the rows carry beside raypipe's own."""
+        ``passthrough``: the Arrow types of the input columns the rows carry beside raypipe's own.
+        ``precision``: ``predict.precision`` (auto, fp32, bf16, fp16), resolved for the device."""
         self.passthrough = dict(passthrough or {})
         self.bundle = load_bundle(bundle_url, storage)
         self.explain_words = explain_words if self.bundle.model_config.mode in ("fusion", "text") else 0
@@ -46,6 +78,8 @@ class BundlePredictor:
         self.model = self.bundle.build_model(self.device)
         self.classes = list(self.bundle.classes)
         self.top_k = min(top_k, len(self.classes))
+        self.precision = resolve_precision(precision, self.device.type)
+        self.rechecked = 0  # rows run again in fp32 (close calls), for benchmarks and tests
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -59,7 +93,7 @@ class BundlePredictor:
             image = torch.from_numpy(np.ascontiguousarray(batch[schema.IMAGE][ok])).to(self.device)
             tokens = torch.from_numpy(np.ascontiguousarray(batch[schema.TOKENS][ok])).long().to(self.device)
             logits, attention = self._forward(image, tokens)
-            probs = torch.softmax(logits.float(), dim=1)
+            probs = torch.softmax(logits, dim=1)
             if self.explain_words:
                 explained = self._explain(tokens.cpu().numpy(), attention.float().cpu().numpy())
             scores, ids = probs.topk(self.top_k, dim=1)
@@ -84,12 +118,31 @@ class BundlePredictor:
         return schema.to_arrow(columns, self.passthrough)
 
     def _forward(self, image: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits [B, num_classes] and attention [B, L] (None for an image model) of a whole batch."""
+        """Logits [B, num_classes] (fp32) and attention [B, L] (None for an image model) of a whole batch.
+        In bf16/fp16, rows whose two best scores are within ``RECHECK_MARGIN`` are run again in fp32,
+        so rounding cannot swap their top-1 (and their scores are the fp32 ones)."""
+        dtype = DTYPES.get(self.precision)
+        logits, attention = self._run(image, tokens, dtype)
+        if dtype is None or logits.shape[1] < 2:
+            return logits, attention
+        best_two = torch.softmax(logits, dim=1).topk(2, dim=1).values
+        close = torch.nonzero(best_two[:, 0] - best_two[:, 1] < RECHECK_MARGIN).squeeze(1)
+        self.rechecked += len(close)
+        if len(close):
+            logits[close], exact_attention = self._run(image[close], tokens[close], None)
+            if attention is not None:
+                attention[close] = exact_attention
+        return logits, attention
+
+    def _run(self, image: torch.Tensor, tokens: torch.Tensor, dtype: torch.dtype | None):
+        """The model on CPU chunks (a GPU takes the whole batch), under autocast when ``dtype`` is given: the
+        weights stay fp32, convs, LSTM and linears run in ``dtype``; the outputs are returned in fp32."""
         rows = CPU_CHUNK_ROWS if self.device.type == "cpu" else len(image)
-        chunks = [self.model.forward_with_attention(image[i : i + rows], tokens[i : i + rows])
-                  for i in range(0, len(image), rows)]
-        logits = torch.cat([chunk_logits for chunk_logits, _ in chunks])
-        attention = None if chunks[0][1] is None else torch.cat([chunk_attention for _, chunk_attention in chunks])
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            chunks = [self.model.forward_with_attention(image[i : i + rows], tokens[i : i + rows])
+                      for i in range(0, len(image), rows)]
+        logits = torch.cat([chunk_logits for chunk_logits, _ in chunks]).float()
+        attention = None if chunks[0][1] is None else torch.cat([a for _, a in chunks]).float()
         return logits, attention
 
     def _explain(self, tokens: np.ndarray, attention: np.ndarray) -> list[tuple[list[str], list[float]]]:

@@ -251,6 +251,11 @@ class WorkerState:
     def amp_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
 
+    @property
+    def precision(self) -> str:
+        """What the forward passes of training and validation ran in: recorded in the bundle."""
+        return ("bf16" if self.amp_dtype == torch.bfloat16 else "fp16") if self.use_amp else "fp32"
+
 
 def _set_threads(loop: LoopConfig, device: torch.device, local_world: int) -> None:
     if device.type == "cpu":
@@ -342,6 +347,22 @@ class TensorBoardLog:
             rfs.write_bytes(self.target.join(name), Path(self.local, name).read_bytes())
 
 
+def train_step(model, optimizer, scaler, loss_fn, images, tokens, labels, aux_loss_weight: float,
+               amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """One optimizer step on a batch, under autocast in ``amp_dtype`` when given (the weights stay fp32;
+    losses are taken on fp32 logits); returns the loss."""
+    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits, aux_logits = model(images, tokens, with_aux=True)
+        loss = loss_fn(logits.float(), labels)
+        for branch_logits in aux_logits:
+            loss = loss + aux_loss_weight * loss_fn(branch_logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
 def train_epoch(state: WorkerState, shard, epoch: int, loss_fn, scaler) -> torch.Tensor:
     """One pass over this worker's training shard; returns [loss x rows, rows] of this worker."""
     optim = state.loop.optim
@@ -357,16 +378,9 @@ def train_epoch(state: WorkerState, shard, epoch: int, loss_fn, scaler) -> torch
         images = batch[schema.IMAGE]
         if state.augmenter is not None:
             images = augment_images(images, state.augmenter)
-        with torch.autocast(state.device.type, dtype=state.amp_dtype, enabled=state.use_amp):
-            logits, aux_logits = state.model(images, batch[schema.TOKENS], with_aux=True)
-            loss = loss_fn(logits.float(), labels)
-            for branch_logits in aux_logits:
-                loss = loss + optim.aux_loss_weight * loss_fn(branch_logits.float(), labels)
-        state.optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(state.optimizer)
-        scaler.update()
-        sums += torch.tensor([loss.item() * len(logits), len(logits)], dtype=torch.float64, device=state.device)
+        loss = train_step(state.model, state.optimizer, scaler, loss_fn, images, batch[schema.TOKENS], labels,
+                          optim.aux_loss_weight, state.amp_dtype if state.use_amp else None)
+        sums += torch.tensor([loss.item() * len(labels), len(labels)], dtype=torch.float64, device=state.device)
         now = time.perf_counter()
         if state.rank == 0 and now - last_line >= state.loop.progress_interval_s:
             last_line = now  # this worker's rows x workers: the shards are split evenly
@@ -449,6 +463,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
     state = build_worker(config["loop"])
+    state.progress["precision"] = state.precision
     optim = state.loop.optim
     scaler = torch.amp.GradScaler("cuda", enabled=state.use_amp and state.amp_dtype == torch.float16)
     weight = torch.tensor(state.loop.class_weights, device=state.device) if state.loop.class_weights else None
@@ -567,7 +582,8 @@ def run_train(cfg: TrainConfig) -> dict:
     identity = save_bundle(
         bundle_url,
         cfg.storage,
-        Bundle(model_config, data.image, data.text, data.vocab, data.classes, best_state, metrics),
+        Bundle(model_config, data.image, data.text, data.vocab, data.classes, best_state, metrics,
+               precision={"trained": progress.get("precision", "fp32"), "validated": progress.get("precision", "fp32")}),
     )
     summary = ("best_epoch", "best", "epochs_run", "attempts", "worker_nodes", "history")
     return {"bundle": bundle_url, "identity": identity, **{k: metrics[k] for k in summary}}
