@@ -219,13 +219,27 @@ def test_rerun_after_a_crash_completes_without_duplicates_or_gaps(bundle_url, sa
         run_label(load_config(LabelJobConfig, None, args))
 
 
+def _actors_gone(dashboard: str, driver_pid: int) -> bool:
+    """Every map actor of the job whose driver had ``driver_pid`` is DEAD and its process has exited."""
+    import psutil
+    from ray.util.state import list_actors, list_jobs
+
+    jobs = [j.job_id for j in list_jobs(address=dashboard)
+            if j.driver_info and str(j.driver_info.pid) == str(driver_pid)]
+    if not jobs:
+        return False
+    actors = list_actors(address=dashboard, filters=[("job_id", "=", jobs[0])], detail=True)
+    # The map actors (predictors, part writers); Ray Data's detached ActorLocationTracker outlives jobs.
+    workers = [a for a in actors if a.class_name.startswith("MapWorker")]
+    return bool(workers) and all(a.state == "DEAD" and not (a.pid and psutil.pid_exists(a.pid)) for a in workers)
+
+
 def test_a_killed_run_resumes_to_a_complete_output(bundle_url, sample_rows, ray_cluster, tmp_path):
     """The job killed (SIGKILL) while it writes, then run again: everything labeled, each key once."""
     import os
     import signal
     import subprocess
     import sys
-    import time
 
     table, _ = sample_rows
     inputs, output = str(tmp_path / "pairs"), str(tmp_path / "labels")
@@ -247,10 +261,10 @@ def test_a_killed_run_resumes_to_a_complete_output(bundle_url, sample_rows, ray_
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    # A fixed pause, not yet a condition (tests/unit/test_test_hygiene.py allows it by name): neither
-    # "no process with the job's RAY_JOB_ID" nor "job ended and its actors dead" (state API) came true
-    # within 120 s on 2026-12-06, so what Ray does for a SIGKILLed driver needs finding out first.
-    time.sleep(3)
+    # The killed driver's map actors (the part writers among them) must be gone before the rerun, or a
+    # late write could add a part after it. Ray marks them DEAD and ends their processes within a second
+    # (seen 2026-12-06); the job's own end time is never set for a SIGKILLed driver, so it is no condition.
+    wait_until(lambda: _actors_gone(ray_cluster.dashboard, proc.pid), 60, "the killed job's actors to end")
 
     resumed = run_label(load_config(LabelJobConfig, None, args))
     assert resumed["complete"] and resumed["files"]["labeled"] >= 1

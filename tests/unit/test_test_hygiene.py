@@ -25,8 +25,6 @@ SLEEP_ALLOWED = {
     ("tests/integration/test_object_store_budget.py", "most_blocks_ahead"): "the slow consumer under test",
     ("tests/integration/test_train_faults.py", "kill_a_worker_after_the_first_checkpoint"):
         "the fault's timing under test: the kill lands half way through an epoch",
-    ("tests/integration/test_label.py", "test_a_killed_run_resumes_to_a_complete_output"):
-        "a wait still without a condition: see the comment there",
 }
 
 
