@@ -36,7 +36,7 @@ demo: install
 	$(VENV)/bin/raypipe label bundle=$(DEMO_RUNS)/demo-fusion/bundle output=$(DEMO_RUNS)/demo-labels overwrite=true
 
 test: install-test
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest --durations=15
 
 test-unit: install-test
 	$(PYTHON) -m pytest tests/unit

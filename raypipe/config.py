@@ -135,7 +135,8 @@ SECRET_FIELDS = frozenset(name for name, field in StorageConfig.model_fields.ite
 class DataConfig(Section):
     input: list[str] = Field(
         default_factory=lambda: [f"{DEFAULT_SAMPLE_DIR}/webdataset"],
-        description="Shards to read: local paths, s3://, gs:// or any fsspec URL; each a file, a directory "
+        description="Shards to read: local paths, s3://, gs:// (with the gcs extra: pip install 'raypipe[gcs]') or any "
+        "fsspec URL; each a file, a directory "
         "(read recursively) or a glob. Default: the built-in sample (generated on first use).",
     )
     format: Literal["auto", "webdataset", "img2dataset_parquet", "parquet"] = Field(

@@ -160,7 +160,8 @@ def resolve(url: str, storage: StorageConfig) -> Location:
 
         fs, path = fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as e:
-        raise StorageError(f"cannot open {url}: no filesystem for scheme {scheme!r} ({e})") from None
+        extra = " (pip install 'raypipe[gcs]')" if scheme in ("gs", "gcs") else ""
+        raise StorageError(f"cannot open {url}: no filesystem for scheme {scheme!r}{extra} ({e})") from None
     return Location(pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path, url)
 
 

@@ -45,3 +45,15 @@ def test_a_label_column_is_checked_in_the_metadata_beside_the_tar(tmp_path):
         "category": pa.string()}
     with pytest.raises(InputError, match=r"00000.parquet: column\(s\) \['label'\] missing"):
         plan(f"data.input={tmp_path / '00000.tar'}")
+
+
+def test_a_gs_path_without_gcsfs_names_the_extra_to_install():
+    import importlib.util
+
+    from raypipe.config import StorageConfig
+    from raypipe.io.fs import StorageError, resolve
+
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here: gs:// paths open")
+    with pytest.raises(StorageError, match=r"gs://bucket/shards: no filesystem for scheme 'gs' \(pip install 'raypipe\[gcs\]'\)"):
+        resolve("gs://bucket/shards", StorageConfig())
