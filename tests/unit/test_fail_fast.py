@@ -55,5 +55,6 @@ def test_a_gs_path_without_gcsfs_names_the_extra_to_install():
 
     if importlib.util.find_spec("gcsfs") is not None:
         pytest.skip("gcsfs is installed here: gs:// paths open")
-    with pytest.raises(StorageError, match=r"gs://bucket/shards: no filesystem for scheme 'gs' \(pip install 'raypipe\[gcs\]'\)"):
+    with pytest.raises(StorageError, match=r"gs://bucket/shards: no filesystem for scheme 'gs' "
+                                           r"\(pip install 'raypipe\[gcs\]'\)"):
         resolve("gs://bucket/shards", StorageConfig())
