@@ -28,14 +28,11 @@ from __future__ import annotations
 
 import json
 import logging
-import posixpath
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raypipe import schema
@@ -44,13 +41,16 @@ from raypipe.config import LabelJobConfig, dump_config
 from raypipe.console import say
 from raypipe.datasets import ensure_default_sample
 from raypipe.io import fs as rfs
+from raypipe.io.per_input import (
+    COUNT_OK, COUNT_ROWS, InputFile, OutputState, input_files, input_keys, output_names_with_bare_paths,
+    only, output_state, parallel,
+)
 from raypipe.io.readers import InputPlan, plan_inputs, read_pairs
-from raypipe.io.tar import tar_members, tar_samples
 from raypipe.pipeline import predict
 from raypipe.pipeline.capacity import predictor_pool
 from raypipe.pipeline.cluster import start_cluster
 from raypipe.pipeline.label_writer import (
-    COUNT_OK, COUNT_ROWS, LabelError, PartWriter, output_names, output_schema, strip_scheme,
+    LabelError, PartWriter, output_schema,
 )
 from raypipe.schema import Status
 from raypipe.transforms.pairs import ModelInputPreparer
@@ -62,82 +62,7 @@ JOB_FILE, SUMMARY_FILE = "_job.json", "_summary.json"
 
 
 # --------------------------------------------------------------------------------------------------
-# Driver: expected rows, completeness of outputs
-
-
-@dataclass(frozen=True)
-class InputFile:
-    path: str  # as listed by plan_inputs (the rows' `source`)
-    name: str  # output directory name
-    expected_rows: int
-    metadata: str | None = None  # webdataset: img2dataset's .parquet beside the tar
-
-
-def _tar_keys(filesystem: pafs.FileSystem, path: str) -> list[str]:
-    """Sample keys of a WebDataset tar, as the reader finds them (member bytes read past, not kept)."""
-    with filesystem.open_input_stream(path) as stream:
-        return [key for key, _ in tar_samples(tar_members(stream, path, keep=lambda name: False))]
-
-
-def _parallel(fn, items: list) -> list:
-    if len(items) < 2:
-        return [fn(i) for i in items]
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        return list(pool.map(fn, items))
-
-
-def input_files(plan: InputPlan) -> list[InputFile]:
-    """Each input file with its expected row count (from Parquet footers; tars: the sibling .parquet,
-    else the tar's own listing)."""
-    names = output_names(plan.files)
-    metadata = {posixpath.splitext(m)[0]: m for m in plan.metadata_files}
-
-    def count(path: str) -> InputFile:
-        meta = metadata.get(posixpath.splitext(path)[0]) if plan.format == "webdataset" else None
-        if plan.format == "webdataset" and meta is None:
-            rows = len(_tar_keys(plan.filesystem, path))
-        else:
-            rows = pq.ParquetFile(meta or path, filesystem=plan.filesystem).metadata.num_rows
-        return InputFile(path, names[path], rows, meta)
-
-    return _parallel(count, list(plan.files))
-
-
-def input_keys(plan: InputPlan, item: InputFile) -> Counter:
-    if plan.format == "webdataset":
-        if item.metadata is None:
-            return Counter(_tar_keys(plan.filesystem, item.path))
-        column = "key"
-    else:
-        column = plan.columns.key
-    keys = pq.read_table(item.metadata or item.path, columns=[column], filesystem=plan.filesystem).column(0)
-    return Counter(str(k) for k in keys.to_pylist())
-
-
-@dataclass
-class OutputState:
-    files: list[str] = field(default_factory=list)
-    rows: int = 0
-    readable: bool = True
-    duplicate_keys: int = 0  # rows whose key an earlier row has (set when the parts are read)
-
-    def describe(self, expected: int) -> str:
-        if not self.files:
-            return "no output"
-        if not self.readable:
-            return "an unreadable (partial) part file"
-        return f"{self.rows} of {expected} rows"
-
-
-def output_state(out: rfs.Location, name: str) -> OutputState:
-    infos = out.fs.get_file_info(pafs.FileSelector(out.join(name).path, recursive=True, allow_not_found=True))
-    state = OutputState(files=sorted(i.path for i in infos if i.type == pafs.FileType.File))
-    for path in state.files:
-        try:
-            state.rows += pq.ParquetFile(path, filesystem=out.fs).metadata.num_rows
-        except (OSError, pa.ArrowInvalid):
-            state.readable = False
-    return state
+# Driver: completeness of outputs (expected rows per input: raypipe/io/per_input.py)
 
 
 def _read_output(out: rfs.Location, state: OutputState) -> tuple[Counter, Counter]:
@@ -211,9 +136,9 @@ def plan_label(cfg: LabelJobConfig) -> LabelPlan:
     _check_job_file(cfg, out, bundle)
     files = input_files(inputs)
     if cfg.overwrite:
-        checks = [(state, False, None) for state in _parallel(lambda item: output_state(out, item.name), files)]
+        checks = [(state, False, None) for state in parallel(lambda item: output_state(out, item.name), files)]
     else:
-        checks = _parallel(lambda item: check_output(inputs, out, item), files)
+        checks = parallel(lambda item: check_output(inputs, out, item), files)
     pending, skipped = [], []
     for item, (state, complete, _) in zip(files, checks):
         if complete:
@@ -226,12 +151,6 @@ def plan_label(cfg: LabelJobConfig) -> LabelPlan:
     return LabelPlan(cfg, bundle, inputs, tuple(files), tuple(pending), tuple(skipped), out, out_schema)
 
 
-def _pending_inputs(plan: LabelPlan) -> InputPlan:
-    paths = tuple(item.path for item in plan.pending)
-    metadata = tuple(item.metadata for item in plan.pending if item.metadata is not None)
-    return replace(plan.inputs, files=paths, metadata_files=metadata)
-
-
 def labeled_dataset(plan: LabelPlan, compute: dict):
     """Lazily: the pending inputs' rows, preprocessed, predicted and written; yields count rows."""
     from ray.data import ActorPoolStrategy
@@ -240,16 +159,16 @@ def labeled_dataset(plan: LabelPlan, compute: dict):
     preparer = ModelInputPreparer(bundle.image, bundle.text, bundle.vocab.token_to_id, bundle.model_config.mode)
     keep = [schema.KEY, schema.IMAGE, schema.TOKENS, schema.SOURCE, schema.STATUS, schema.ERROR_MESSAGE,
             *cfg.data.keep_columns]
-    names = {item.path: item.name for item in plan.pending}
-    names.update({strip_scheme(p): n for p, n in list(names.items())})
+    names = output_names_with_bare_paths([item.path for item in plan.files])  # as item.name
     return (
-        read_pairs(_pending_inputs(plan), then=(preparer,), batch_size=cfg.ray.batch_size)
+        read_pairs(only(plan.inputs, plan.pending), then=(preparer,), batch_size=cfg.ray.batch_size)
         .select_columns(list(dict.fromkeys(keep)))
         .map_batches(
             predict.BundlePredictor,
             fn_constructor_args=(cfg.bundle, cfg.storage, cfg.predict.top_k, None,
                                  cfg.explain_words if cfg.explain else 0,
-                                 {c: plan.inputs.column_types[c] for c in cfg.data.keep_columns}, cfg.predict.precision),
+                                 {c: plan.inputs.column_types[c] for c in cfg.data.keep_columns},
+                                 cfg.predict.precision),
             batch_size=cfg.predict.batch_size,
             batch_format="numpy",
             **compute,
@@ -274,7 +193,7 @@ def collect_summary(plan: LabelPlan) -> dict:
     complete, incomplete = [], []
     duplicate_keys = 0
     skipped = {item.name for item in plan.skipped}
-    checks = _parallel(lambda item: check_output(plan.inputs, plan.out, item, item.name in skipped), list(plan.files))
+    checks = parallel(lambda item: check_output(plan.inputs, plan.out, item, item.name in skipped), list(plan.files))
     for item, (state, done, statuses) in zip(plan.files, checks):
         (complete if done else incomplete).append(item)
         by_status.update(statuses)

@@ -3,47 +3,24 @@ of a predicted batch, and the writer that puts each input file's rows in its own
 
 from __future__ import annotations
 
-import hashlib
-import posixpath
-import uuid
-from collections import Counter
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from raypipe import schema
 from raypipe.errors import UserError
 from raypipe.io import fs as rfs
-from raypipe.schema import Status
+from raypipe.io.per_input import write_parts
 
-PART_PREFIX = "part-"
 # Labeling output columns (the "Labeling output" contract of design.md).
 LABEL, LABEL_ID, CONFIDENCE = schema.LABEL, schema.LABEL_ID, schema.CONFIDENCE
 TOP_K_LABELS, TOP_K_SCORES = schema.TOP_K_LABELS, schema.TOP_K_SCORES
 MODEL = "model"  # identity of the bundle that produced the row (sha256 prefix of its weights)
 ATTENTION_WORDS, ATTENTION_WEIGHTS = schema.ATTENTION_WORDS, schema.ATTENTION_WEIGHTS
-# Columns the write stage returns to the driver, one row per part file written.
-COUNT_NAME, COUNT_ROWS, COUNT_OK = "name", "rows", "ok"
 
 
 class LabelError(UserError, RuntimeError):
     """A labeling run that cannot start or finish; the message says what to do."""
-
-
-def output_names(files: list[str] | tuple[str, ...]) -> dict[str, str]:
-    """Input file path -> output directory name: the file's stem, made unique with a short hash of
-    the full path when two inputs share a stem (a/x.parquet and b/x.parquet). An object store may hold
-    a key ending in "/.." ("s3://b/in/.."): such a stem is not used, as it would name a folder outside
-    the output."""
-    stems = {path: posixpath.splitext(posixpath.basename(path))[0] for path in files}
-    stems = {path: "input" if stem in ("", ".", "..") else stem for path, stem in stems.items()}
-    counts = Counter(stems.values())
-    return {
-        path: stem if counts[stem] == 1 else f"{stem}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
-        for path, stem in stems.items()
-    }
 
 
 def output_schema(passthrough: dict[str, pa.DataType | None], explain: bool) -> pa.Schema:
@@ -99,31 +76,9 @@ def to_output_table(predicted: pa.Table, out_schema: pa.Schema, model_identity: 
 def write_label_batch(
     predicted: pa.Table, out: rfs.Location, names: dict[str, str], out_schema: pa.Schema, model_identity: str
 ) -> pa.Table:
-    """Writes the rows of each input file in this batch to ``<out>/<name>/part-<uuid>.parquet``;
-    returns one count row per file written (name, rows, ok)."""
-    table = to_output_table(predicted, out_schema, model_identity)
-    sources = np.asarray(table.column(schema.SOURCE).to_pylist(), dtype=object)
-    statuses = np.asarray(table.column(schema.STATUS).to_pylist(), dtype=object)
-    counts: dict[str, list] = {COUNT_NAME: [], COUNT_ROWS: [], COUNT_OK: []}
-    for source in dict.fromkeys(sources):
-        name = names.get(source) or names.get(strip_scheme(source))
-        if name is None:
-            raise LabelError(f"row source {source!r} is not one of the planned inputs")
-        rows = np.flatnonzero(sources == source)
-        part = table.take(pa.array(rows))
-        path = posixpath.join(out.path, name, f"{PART_PREFIX}{uuid.uuid4().hex}.parquet")
-        out.fs.create_dir(posixpath.dirname(path), recursive=True)
-        pq.write_table(part, path, filesystem=out.fs)
-        counts[COUNT_NAME].append(name)
-        counts[COUNT_ROWS].append(len(rows))
-        counts[COUNT_OK].append(int((statuses[rows] == Status.OK.value).sum()))
-    return pa.table(
-        {
-            COUNT_NAME: pa.array(counts[COUNT_NAME], pa.string()),
-            COUNT_ROWS: pa.array(counts[COUNT_ROWS], pa.int64()),
-            COUNT_OK: pa.array(counts[COUNT_OK], pa.int64()),
-        }
-    )
+    """Writes the rows of each input file in this batch to its own folder (``write_parts``); returns one
+    count row per file written (name, rows, ok)."""
+    return write_parts(to_output_table(predicted, out_schema, model_identity), out, names)
 
 
 class PartWriter:
@@ -136,7 +91,3 @@ class PartWriter:
 
     def __call__(self, predicted: pa.Table) -> pa.Table:
         return write_label_batch(predicted, *self.args)
-
-
-def strip_scheme(path: str) -> str:
-    return path.split("://", 1)[1] if "://" in path else path

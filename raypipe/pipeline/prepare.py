@@ -16,12 +16,13 @@ inputs skip the image column), the second does the full preprocessing with the f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
 import uuid
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import pyarrow as pa
@@ -30,9 +31,13 @@ import pyarrow.parquet as pq
 
 from raypipe import schema
 from raypipe.config import DataSections, PrepareConfig, dump_config
+from raypipe.console import say
 from raypipe.datasets import ensure_default_sample
 from raypipe.errors import UserError
 from raypipe.io import fs as rfs
+from raypipe.io.per_input import (
+    complete, input_files, only, output_names_with_bare_paths, output_state, parallel, write_parts,
+)
 from raypipe.io.readers import InputPlan, SidecarJoin, plan_inputs, read_pairs, read_sidecar
 from raypipe.pipeline.cluster import start_cluster, wait_for_free_cpus
 from raypipe.schema import Status
@@ -208,6 +213,35 @@ def _for_parquet(table: pa.Table) -> pa.Table:
     return table
 
 
+def _staging(cfg: PrepareConfig, out: rfs.Location) -> rfs.Location:
+    """Where this command writes before its output replaces the old one: named after the settings that
+    decide the output, so the same command run again finds what it had finished (with data.limit,
+    whose rows are no whole input files, every run starts afresh)."""
+    if cfg.data.limit is not None:
+        return out.join(f"{STAGING_PREFIX}{uuid.uuid4().hex[:16]}")
+    deciding = {k: v for k, v in dump_config(cfg).items() if k not in ("ray", "storage", "overwrite")}
+    return out.join(STAGING_PREFIX + hashlib.sha256(json.dumps(deciding, sort_keys=True).encode()).hexdigest()[:16])
+
+
+def _finished_inputs(staged: rfs.Location, files: list, vocab: Vocabulary, classes: tuple[str, ...]) -> set[str]:
+    """The input files an earlier run of this command finished in ``staged`` (none when it encoded with
+    another vocabulary or class list); the partial output of any other input is removed."""
+    if not rfs.exists(staged.join(VOCAB_FILE)):
+        return set()
+    same = (Vocabulary.from_json(rfs.read_text(staged.join(VOCAB_FILE))) == vocab
+            and tuple(json.loads(rfs.read_text(staged.join(CLASSES_FILE)))) == tuple(classes))
+    if not same:
+        rfs.delete_dir(staged)
+        return set()
+    prepared = staged.join(PREPARED_DIR)
+    states = parallel(lambda item: output_state(prepared, item.name), files)
+    done = {item.name for item, state in zip(files, states) if complete(state, item)}
+    for item, state in zip(files, states):
+        if state.files and item.name not in done:
+            rfs.delete_dir(prepared.join(item.name))
+    return done
+
+
 def run_prepare(cfg: PrepareConfig) -> dict:
     started = time.perf_counter()
     plan = plan_prepare(cfg)  # everything that can be checked without a cluster is checked first
@@ -215,12 +249,32 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     start_cluster(cfg.ray, cfg.storage, {**input_paths(cfg), "output": cfg.output})
     vocab, classes, _ = build_vocab_and_classes(plan)
     # The new output is written beside the old one and replaces it only once complete and usable: a run
-    # that fails (or finds no usable row) leaves an existing output as it was.
-    staged = out.join(f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
+    # that fails (or finds no usable row) leaves an existing output as it was, and the same command run
+    # again continues from the input files it had finished.
+    staged = _staging(cfg, out)
+    files = input_files(plan.inputs)
+    done = _finished_inputs(staged, files, vocab, classes) if cfg.data.limit is None else set()
+    if done:
+        say(f"resuming in {staged.url}: {len(done)} of {len(files)} input file(s) already prepared")
+    rfs.write_text(staged.join(VOCAB_FILE), vocab.to_json())  # what the parts are encoded with, for a rerun
+    rfs.write_text(staged.join(CLASSES_FILE), json.dumps(list(classes), ensure_ascii=False, indent=1))
     prepared_dir = staged.join(PREPARED_DIR)
-    prepared_dataset(plan, vocab, classes).map_batches(_for_parquet, batch_format="pyarrow").write_parquet(
-        prepared_dir.path, filesystem=prepared_dir.fs
-    )
+    pending = [item for item in files if item.name not in done]
+    if pending:
+        names = output_names_with_bare_paths([item.path for item in files])
+        written = (
+            prepared_dataset(replace(plan, inputs=only(plan.inputs, pending)), vocab, classes)
+            .map_batches(_for_parquet, batch_format="pyarrow")
+            .map_batches(write_parts, fn_args=(prepared_dir, names), batch_format="pyarrow")
+        )
+        for _ in written.iter_batches(batch_size=None):
+            pass
+    unfinished = [] if cfg.data.limit is not None else [
+        item.path for item in files if not complete(output_state(prepared_dir, item.name), item)
+    ]
+    if unfinished:  # a task retried after writing a part: its input is prepared again by the next run
+        raise PrepareError(f"{len(unfinished)} input file(s) were not prepared completely "
+                           f"({', '.join(unfinished[:3])}); run the same command again to finish them")
     stats = collect_stats(prepared_dir)
     if stats["rows_ok"] == 0:
         rfs.delete_dir(staged)
@@ -232,12 +286,11 @@ def run_prepare(cfg: PrepareConfig) -> dict:
             f"{stats['by_status']}{f' (e.g. {examples})' if examples else ''}. Check the label settings "
             f"(labels.*) and the column settings (data.*); nothing was written to {out.url}"
         )
-    rfs.write_text(staged.join(VOCAB_FILE), vocab.to_json())
-    rfs.write_text(staged.join(CLASSES_FILE), json.dumps(list(classes), ensure_ascii=False, indent=1))
     rfs.write_text(staged.join(CONFIG_FILE), json.dumps(dump_config(cfg), indent=1))
     stats.update(
         vocab_size=len(vocab), num_classes=len(classes), input_format=plan.inputs.format,
         input_files=len(plan.inputs.files), elapsed_s=round(time.perf_counter() - started, 2), output=out.url,
+        input_files_resumed=len(done),
     )
     stats["rows_per_s"] = round(stats["rows_in"] / stats["elapsed_s"], 1) if stats["elapsed_s"] else None
     rfs.write_text(staged.join(STATS_FILE), json.dumps(stats, indent=1, ensure_ascii=False))

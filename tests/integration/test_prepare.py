@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -151,3 +152,62 @@ def test_plain_parquet_with_a_missing_column_names_the_file(tmp_path):
     cfg = load_config(PrepareConfig, None, [f"data.input={wrong_type}", "data.format=parquet", f"output={tmp_path / 'o'}"])
     with pytest.raises(InputError, match=r"typed.parquet: column 'jpg' has type string, expected binary"):
         run_prepare(cfg)
+
+
+def _prepared_rows(output) -> list[dict]:
+    """Every prepared row, by key, with array cells (token ids) as lists."""
+    rows = _read_prepared(str(output)).to_pylist()
+    return sorted(({k: v.tolist() if hasattr(v, "tolist") else v for k, v in row.items()} for row in rows),
+                  key=lambda row: row["key"])
+
+
+def test_a_killed_prepare_resumes_from_its_finished_inputs_to_the_same_result(ray_cluster, tmp_path):
+    """The prepare job killed (SIGKILL) once some input files are done, then run again: it skips those
+    and its output equals an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from ray.util.state import list_jobs, list_tasks
+    from waiting import wait_until
+
+    from raypipe.datasets.sample import SampleSpec, write_sample
+
+    write_sample(str(tmp_path / "sample"), SampleSpec(num_pairs=480, shard_size=40, image_size=(48, 48)),
+                 formats=("parquet",))
+    args = [f"data.input={tmp_path / 'sample' / 'parquet'}", "text.lemmatize=false", "ray.batch_size=8",
+            "ray.progress_bars=false"]
+    env = {**ray_cluster.env, "RAY_ADDRESS": ray_cluster.address}
+    script = Path(__file__).parents[2] / "jobs" / "prepare.py"
+    proc = subprocess.Popen([sys.executable, str(script), *args, f"output={tmp_path / 'resumed'}"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def finished_inputs() -> int:
+        staged = list((tmp_path / "resumed").glob(".staging-*/prepared"))
+        return sum(1 for d in staged[0].iterdir() if any(d.glob("part-*.parquet"))) if staged else 0
+
+    try:
+        wait_until(lambda: proc.poll() is not None or finished_inputs() >= 2, 300, "two prepared input files",
+                   interval_s=0.05)
+        assert proc.poll() is None, "the job ended before it could be interrupted"
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def tasks_ended() -> bool:  # none of the killed job's tasks may still write a part
+        jobs = [j.job_id for j in list_jobs(address=ray_cluster.dashboard)
+                if j.driver_info and str(j.driver_info.pid) == str(proc.pid)]
+        tasks = list_tasks(address=ray_cluster.dashboard, filters=[("job_id", "=", jobs[0])]) if jobs else [None]
+        return bool(jobs) and all(t.state in ("FINISHED", "FAILED") for t in tasks)
+
+    wait_until(tasks_ended, 60, "the killed job's tasks to end")
+    assert not (tmp_path / "resumed" / "prepared").exists()  # nothing published by the killed run
+
+    resumed = run_prepare(load_config(PrepareConfig, None, [*args, f"output={tmp_path / 'resumed'}"]))
+    whole = run_prepare(load_config(PrepareConfig, None, [*args, f"output={tmp_path / 'whole'}"]))
+    assert resumed["input_files_resumed"] >= 1 and whole["input_files_resumed"] == 0
+    assert resumed["rows_in"] == whole["rows_in"] == 480 and resumed["by_status"] == whole["by_status"]
+    assert _prepared_rows(tmp_path / "resumed") == _prepared_rows(tmp_path / "whole")
+    assert not list((tmp_path / "resumed").glob(".staging-*"))

@@ -17,8 +17,10 @@ from raypipe.io.fs import resolve
 from raypipe.io.readers import plan_inputs
 from raypipe.model import FusionClassifier, ModelConfig
 from raypipe.pipeline import predict
-from raypipe.pipeline.label import InputFile, check_output, input_files, output_state, summary_lines
-from raypipe.pipeline.label_writer import output_names, output_schema, to_output_table, write_label_batch
+from raypipe.io.per_input import InputFile, input_files, output_state
+from raypipe.pipeline.label import check_output, summary_lines
+from raypipe.io.per_input import output_names
+from raypipe.pipeline.label_writer import output_schema, to_output_table, write_label_batch
 from raypipe.transforms.image import ImageOptions
 from raypipe.transforms.pairs import ModelInputPreparer, PairPreparer
 from raypipe.transforms.split import SplitRule
@@ -223,7 +225,7 @@ def test_label_config_defaults_and_checks():
 
 def test_expected_rows_of_img2dataset_tars_come_from_the_parquet_beside_them(tmp_path):
     from raypipe.config import DataConfig
-    from raypipe.pipeline.label import input_keys
+    from raypipe.io.per_input import input_keys
     from raypipe.datasets.sample import SampleSpec, write_sample
 
     write_sample(str(tmp_path / "s"), SampleSpec(num_pairs=30, shard_size=20, image_size=(16, 16), failed_fraction=0.2),

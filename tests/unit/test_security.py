@@ -16,7 +16,7 @@ from tiny import write_bundle
 from raypipe.bundle import WEIGHTS, BundleError, load_bundle
 from raypipe.config import FOLDER_NAME_PATTERN, AblationConfig, ConfigError, StorageConfig, TrainConfig, load_config
 from raypipe.pipeline.ablation import planned_runs
-from raypipe.pipeline.label_writer import output_names
+from raypipe.io.per_input import output_names
 from raypipe.pipeline.predict import BundlePredictor
 from raypipe.formats.img2dataset import shard_name
 
