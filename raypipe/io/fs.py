@@ -313,7 +313,8 @@ def replace_with(staged: Location, target: Location, names: tuple[str, ...]) -> 
                 continue
             for item in staged.fs.get_file_info(pafs.FileSelector(new.path, recursive=True)):
                 if item.type == pafs.FileType.File:
-                    destination = posixpath.join(old.path, posixpath.relpath(item.path, new.path))
+                    # By prefix: posixpath.relpath would resolve the bucket paths against the working directory.
+                    destination = posixpath.join(old.path, item.path[len(new.path.rstrip('/')) + 1:])
                     target.fs.create_dir(posixpath.dirname(destination), recursive=True)
                     staged.fs.move(item.path, destination)
         delete_dir(staged)

@@ -58,3 +58,24 @@ def test_a_gs_path_without_gcsfs_names_the_extra_to_install():
     with pytest.raises(StorageError, match=r"gs://bucket/shards: no filesystem for scheme 'gs' "
                                            r"\(pip install 'raypipe\[gcs\]'\)"):
         resolve("gs://bucket/shards", StorageConfig())
+
+
+def test_replacing_an_output_moves_nested_parts_even_without_a_working_directory(tmp_path, monkeypatch):
+    """A Ray job's driver may run in a folder that is gone by the time the output is published."""
+    from raypipe.config import StorageConfig
+    from raypipe.io.fs import replace_with, resolve
+
+    out = resolve(str(tmp_path / "out"), StorageConfig())
+    (tmp_path / "out" / "prepared" / "old").mkdir(parents=True)
+    (tmp_path / "out" / "prepared" / "old" / "part-1.parquet").write_bytes(b"old")
+    staged = out.join(".staging-x")
+    (tmp_path / "out" / ".staging-x" / "prepared" / "00000").mkdir(parents=True)
+    (tmp_path / "out" / ".staging-x" / "prepared" / "00000" / "part-2.parquet").write_bytes(b"new")
+    (tmp_path / "out" / ".staging-x" / "stats.json").write_text("{}")
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    replace_with(staged, out, ("prepared", "stats.json"))
+    files = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert files == ["prepared/00000/part-2.parquet", "stats.json"]
