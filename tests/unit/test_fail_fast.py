@@ -61,11 +61,14 @@ def test_a_gs_path_without_gcsfs_names_the_extra_to_install():
 
 
 def test_replacing_an_output_moves_nested_parts_even_without_a_working_directory(tmp_path, monkeypatch):
-    """A Ray job's driver may run in a folder that is gone by the time the output is published."""
-    from raypipe.config import StorageConfig
-    from raypipe.io.fs import replace_with, resolve
+    """A Ray job's driver may run in a folder that is gone by the time the output is published; object
+    store paths ("bucket/key", here a sub-tree filesystem's) are relative, so nothing may resolve them
+    against the working directory."""
+    import pyarrow.fs as pafs
 
-    out = resolve(str(tmp_path / "out"), StorageConfig())
+    from raypipe.io.fs import Location, replace_with
+
+    out = Location(pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem()), "out", "store://out")
     (tmp_path / "out" / "prepared" / "old").mkdir(parents=True)
     (tmp_path / "out" / "prepared" / "old" / "part-1.parquet").write_bytes(b"old")
     staged = out.join(".staging-x")
