@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from raypipe.config import RayConfig, StorageConfig
-from raypipe.pipeline.capacity import cluster_capacity, execution_defaults, require_shared_paths
+from raypipe.pipeline.capacity import Capacity, cluster_capacity, execution_defaults, require_shared_paths
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,9 @@ def ensure_auth_token() -> None:
     log.info("created a Ray authentication token in %s", path)
 
 
-def init_ray(cfg: RayConfig) -> None:
+def init_ray(cfg: RayConfig) -> Capacity:
+    """Joins or starts the cluster and sets Ray Data's context for this job; returns what the cluster can
+    have (its defaults depend on it)."""
     import ray
     from ray.data import DataContext
     from ray.data.context import DEFAULT_OP_RESOURCE_RESERVATION_RATIO
@@ -71,7 +73,8 @@ def init_ray(cfg: RayConfig) -> None:
             ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
         resources = ray.cluster_resources()
         log.info("Ray cluster: %s CPUs, %s GPUs", resources.get("CPU", 0), resources.get("GPU", 0))
-    derived = execution_defaults(cluster_capacity())
+    capacity = cluster_capacity()
+    derived = execution_defaults(capacity)
     reader_v2 = derived["parquet_reader_v2"] if cfg.parquet_reader_v2 is None else cfg.parquet_reader_v2
     reserve = derived["reserve_per_operator"] if cfg.reserve_per_operator is None else cfg.reserve_per_operator
     ctx = DataContext.get_current()
@@ -90,6 +93,7 @@ def init_ray(cfg: RayConfig) -> None:
     ctx.execution_options.resource_limits = limits.copy(
         object_store_memory=cfg.object_store_mib << 20 if budget else float("inf")
     )
+    return capacity
 
 
 def wait_for_free_cpus(timeout_s: float = 10.0) -> None:
@@ -112,5 +116,4 @@ def wait_for_free_cpus(timeout_s: float = 10.0) -> None:
 def start_cluster(ray_config: RayConfig, storage: StorageConfig, paths: Mapping[str, str | None]) -> None:
     """Joins or starts the cluster (``init_ray``), then refuses the job's local ``paths`` if the cluster
     spans nodes: the check every job makes before its first task."""
-    init_ray(ray_config)
-    require_shared_paths(cluster_capacity(), paths, storage.shared_filesystem)
+    require_shared_paths(init_ray(ray_config), paths, storage.shared_filesystem)
