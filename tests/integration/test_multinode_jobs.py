@@ -264,17 +264,18 @@ def test_a_worker_node_killed_mid_labeling_then_a_rerun_labels_every_row_once(cl
     bundle = pipeline.bundle()
     out = "labels-killed"
     command = ("python", "jobs/label.py", f"bundle={bundle}", f"data.input={s3.url('many')}",
-               f"output={s3.url(out)}", "progress_interval_s=2", *QUIET)
+               f"output={s3.url(out)}", "progress_interval_s=2", "predict.batch_size=4", "rows_per_part=4", *QUIET)
     first = Job(cluster, "label-killed", *command)
 
-    def some_parts_written():
+    def predictors_running():
         if not first.running():
             raise AssertionError(f"label ended ({first.status()}) before a node could be killed:\n"
                                  f"{first.logs()[-4000:]}")
-        parts = [k for k in s3.keys(f"{out}/") if k.endswith(".parquet")]
-        return parts and alive_actor_nodes(cluster, "MapWorker(MapBatches(BundlePredictor))")
+        # As soon as a predictor actor runs: on 1,200 rows the job can finish within seconds after that,
+        # so waiting for parts as well could miss it (small batches and parts keep it running longer).
+        return alive_actor_nodes(cluster, "MapWorker(MapBatches(BundlePredictor))")
 
-    nodes = multinode.wait_until(some_parts_written, 400, "the first labeled parts")
+    nodes = multinode.wait_until(predictors_running, 400, "a running predictor actor")
     victim = min(nodes)
     parts_before = len([k for k in s3.keys(f"{out}/") if k.endswith(".parquet")])
     cluster.kill_node(victim)
