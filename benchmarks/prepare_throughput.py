@@ -143,7 +143,6 @@ def single_process_prepare(files: list[Path], batch_size: int) -> dict:
     from raypipe.io.normalize import IMG2DATASET_COLUMNS, normalize_table
     from raypipe.transforms.labels import LabelRule
     from raypipe.transforms.pairs import TOKEN, PairPreparer, count_batch
-    from raypipe.transforms.split import SplitRule
     from raypipe.transforms.text import TextNormalizer, _tables
     from raypipe.transforms.vocab import Vocabulary
 
@@ -163,7 +162,7 @@ def single_process_prepare(files: list[Path], batch_size: int) -> dict:
                 batch["path"] = np.full(part.num_rows, str(path), dtype=object)
                 yield normalize_table(batch, columns)
 
-    split = SplitRule(cfg.split.val_fraction, cfg.split.salt)
+    split = cfg.split.rule()
     normalizer = TextNormalizer(cfg.text)
     rule = LabelRule("column", (), "label", cfg.labels.min_prob)
     tokens, labels = Counter(), Counter()

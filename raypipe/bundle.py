@@ -4,6 +4,8 @@ as the model was trained.
     model.pt      a plain state_dict, loaded with torch.load(weights_only=True): never unpickles objects
     config.json   model hyper-parameters + preprocessing (image and text options) + the precision the
                   model was trained and validated in (``precision``: fp32, bf16 or fp16; absent = fp32)
+                  + ``temperature``: probabilities are softmax(logits / temperature), the temperature
+                  fitted on the validation split (raypipe/calibration.py; absent = 1, uncalibrated)
     vocab.json    the vocabulary (0 pad, 1 unknown)
     classes.json  class names; a label id is a position in it
     metrics.json  final and per-epoch metrics of the run that produced it
@@ -48,6 +50,7 @@ class Bundle:
     url: str = ""
     identity: str = ""  # sha256 of model.pt (first 16 hex digits): which model labeled a row
     precision: dict[str, str] = field(default_factory=lambda: dict(FP32))  # {"trained": ..., "validated": ...}
+    temperature: float = 1.0  # calibrated probabilities: softmax(logits / temperature)
 
     def build_model(self, device: torch.device | str = "cpu") -> FusionClassifier:
         model = FusionClassifier(self.model_config)
@@ -71,6 +74,7 @@ def save_bundle(url: str, storage: StorageConfig, bundle: Bundle) -> str:
         "image": bundle.image.model_dump(),
         "text": bundle.text.model_dump(),
         "precision": bundle.precision,
+        "temperature": bundle.temperature,
     }
     rfs.write_bytes(loc.join(WEIGHTS), weights)
     rfs.write_text(loc.join(CONFIG), json.dumps(config, indent=1))
@@ -93,6 +97,12 @@ def _load_weights(weights: bytes, url: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def _temperature(value, url: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise BundleError(f"{url}: config.json's temperature must be a positive number, got {value!r}")
+    return float(value)
+
+
 def load_bundle(url: str, storage: StorageConfig) -> Bundle:
     loc = rfs.resolve(url, storage)
     try:
@@ -113,6 +123,7 @@ def load_bundle(url: str, storage: StorageConfig) -> Bundle:
             url=url,
             identity=hashlib.sha256(weights).hexdigest()[:16],
             precision={**FP32, **config.get("precision", {})},
+            temperature=_temperature(config.get("temperature", 1.0), url),
         )
     except rfs.StorageError as e:
         raise BundleError(f"cannot load the model bundle at {url}: {e}") from None

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from raypipe.errors import UserError
 from raypipe.transforms.image import ImageOptions
+from raypipe.transforms.split import SplitRule
 from raypipe.transforms.text import TextOptions
 
 DEFAULT_SAMPLE_DIR = "~/.cache/raypipe/sample-v1"
@@ -205,8 +206,31 @@ class VocabConfig(Section):
 
 
 class SplitConfig(Section):
-    val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Share of rows in validation (the paper: 0.2).")
+    """Train / validation / test by a hash of each row's key (raypipe/transforms/split.py): stable across runs."""
+
+    val_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0,
+        description="Share of rows in validation: early stopping, the epoch kept, the temperature and every recipe "
+        "choice are made on it (the paper: 0.2, with test_fraction=0).",
+    )
+    test_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0,
+        description="Share of rows held out for test: no training decision reads them; evaluate and ablation "
+        "report on them. 0 gives the paper's two-way split.",
+    )
     salt: str = Field("raypipe", description="Mixed into the key hash; change it to draw a different split.")
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_rows(self) -> SplitConfig:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"split.val_fraction + split.test_fraction must be below 1 (got {self.val_fraction} + "
+                f"{self.test_fraction}): nothing would be left to train on"
+            )
+        return self
+
+    def rule(self) -> SplitRule:
+        return SplitRule(self.val_fraction, self.test_fraction, self.salt)
 
 
 class RayConfig(Section):
@@ -395,6 +419,11 @@ class ModelSection(Section):
         [32, 64, 128], min_length=1, description="Output channels of each conv3x3 + maxpool block of the CNN."
     )
     batch_norm: bool = Field(False, description="BatchNorm after each convolution (a departure; the paper has none).")
+    image_pool: Literal["flatten", "avg"] = Field(
+        "flatten",
+        description="How the CNN's last feature map becomes the image features: flatten (the paper; channels x "
+        "positions, 8,192 by default) or avg (global average pooling: one per channel, 128 by default).",
+    )
     embed_dim: int = Field(128, ge=1, description="Word embedding size.")
     lstm_hidden: int = Field(128, ge=1, description="LSTM hidden size (per direction).")
     lstm_layers: int = Field(1, ge=1, le=4, description="Stacked LSTM layers.")
@@ -413,6 +442,11 @@ class ModelSection(Section):
         description="fusion: also a linear classifier on each branch's features, trained with its own loss "
         "(weight optim.aux_loss_weight) so each branch keeps learning after the other has fitted the training "
         "set; predictions still come from the fused head (a departure; the paper has none).",
+    )
+    fusion_head: Literal["mlp", "sum"] = Field(
+        "mlp",
+        description="fusion: mlp (the paper: fully connected layers on the concatenated features) or sum (late "
+        "fusion: a linear classifier per branch, the prediction is the sum of their logits).",
     )
 
 
@@ -531,10 +565,12 @@ class AblationConfig(TrainConfig):
         "split; runs are named <run.name>-<mode>-s<seed> and the table gives mean and standard deviation per "
         "mode. Default: one run per mode with optim.seed, named <run.name>-<mode>.",
     )
-    confusion_matrix: bool = Field(
-        False,
-        description="Also evaluate every fusion run on the validation split (jobs/evaluate.py's pipeline) and "
-        "write the confusion matrix summed over its seeds (ablation_confusion.png).",
+    evaluate_split: Literal["test", "val", "none"] = Field(
+        "test",
+        description="Split every finished run is evaluated on (jobs/evaluate.py's pipeline): accuracy, macro-F1 and "
+        "calibration error per run and mode, the fusion confusion matrix and reliability diagram summed over its "
+        "seeds. test: the held-out report; val: data prepared without a test split (split.test_fraction=0, the "
+        "paper's); none: training figures only.",
     )
 
     @field_validator("seeds")
@@ -571,8 +607,10 @@ class EvaluateConfig(ReadSections):
     prepared: str | None = Field(
         None, description="A prepare output to evaluate on. Default: preprocess `data` with the bundle's settings."
     )
-    which_split: Literal["val", "train", "all"] = Field(
-        "val", description="Rows to evaluate (the split settings must match training's)."
+    which_split: Literal["test", "val", "train", "all"] = Field(
+        "test",
+        description="Rows to evaluate: test (held out from every training decision), val, train or all (the split "
+        "settings must match training's).",
     )
     predict: PredictSection = Field(default_factory=PredictSection, description="Inference settings.")
     output: str | None = Field(None, description="Where metrics.json, per_class.csv and PNGs go. Default: <bundle>/evaluation.")

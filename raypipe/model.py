@@ -1,8 +1,9 @@
 """The image-text classifier of Kim & Lee (2023), in one file read top to bottom.
 
-    image uint8 [B, S, S, 3] -> ImageCNN (conv3x3 + ReLU + maxpool2 blocks, flatten)  -> [B, F]
-    tokens int  [B, L]       -> TextLSTMAttention (embed, LSTM, additive attention)  -> [B, D]
-    concat [B, F + D] -> (dropout, FC + ReLU)* -> dropout, FC -> logits [B, num_classes]
+    image uint8 [B, S, S, 3] -> ImageCNN (conv3x3 + ReLU + maxpool2 blocks, flatten or average) -> [B, F]
+    tokens int  [B, L]       -> TextLSTMAttention (embed, LSTM, additive attention)           -> [B, D]
+    fusion_head "mlp" (the paper): concat [B, F + D] -> (dropout, FC + ReLU)* -> dropout, FC -> logits [B, C]
+    fusion_head "sum": dropout, FC per branch -> image logits + text logits -> logits [B, C]
 
 `mode` picks the ablation: "image" and "text" build only their branch, so every parameter takes part
 in every forward pass (DDP needs no find_unused_parameters). No device or dtype is hard-coded:
@@ -30,6 +31,7 @@ class ModelConfig:
     mode: str = "fusion"  # "fusion" | "image" | "text"
     image_size: int = 64
     conv_channels: tuple[int, ...] = (32, 64, 128)  # one conv3x3 + maxpool2 block per entry
+    image_pool: str = "flatten"  # "flatten" (the paper: C x S/2^n x S/2^n features) | "avg" (C features)
     batch_norm: bool = False  # a departure from the paper's plain CNN, off by default
     embed_dim: int = 128
     lstm_hidden: int = 128  # per direction
@@ -39,11 +41,14 @@ class ModelConfig:
     dropout: float = 0.5  # before each FC layer
     modality_dropout: float = 0.0  # fusion, training only: share of samples that lose one branch (a departure)
     aux_heads: bool = False  # fusion: a linear classifier per branch, trained beside the fused one (a departure)
+    fusion_head: str = "mlp"  # fusion: "mlp" on the concatenation (the paper) | "sum" of per-branch logits
 
     def __post_init__(self):
         self.conv_channels, self.fc_dims = tuple(self.conv_channels), tuple(self.fc_dims)  # lists from JSON
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.image_pool not in ("flatten", "avg") or self.fusion_head not in ("mlp", "sum"):
+            raise ValueError(f"image_pool must be flatten or avg and fusion_head mlp or sum, got {self}")
         if not 0.0 <= self.modality_dropout < 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
         if self.num_classes < 1 or self.vocab_size < 2 or not self.conv_channels:
@@ -76,13 +81,17 @@ class ImageCNN(nn.Module):
             layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2)]
             in_ch, size = out_ch, size // 2
         self.blocks = nn.Sequential(*layers)
-        self.image_size, self.out_dim = config.image_size, in_ch * size * size
+        self.average = config.image_pool == "avg"
+        self.image_size, self.out_dim = config.image_size, in_ch * (1 if self.average else size * size)
 
     def forward(self, image: Tensor) -> Tensor:
         if image.ndim != 4 or tuple(image.shape[1:]) != (self.image_size, self.image_size, 3):
             raise ValueError(f"expected images [B, {self.image_size}, {self.image_size}, 3], got {tuple(image.shape)}")
         x = image.permute(0, 3, 1, 2).float() / 255  # [B, 3, S, S]; a channels_last view, no copy
-        return self.blocks(x).flatten(1)  # [B, C, S/2^n, S/2^n] -> [B, out_dim]
+        x = self.blocks(x)  # [B, C, S/2^n, S/2^n]
+        # Averaging over positions leaves C features instead of C x (S/2^n)^2 (128 vs 8,192 by default):
+        # far fewer for a small training set to memorise, and the text branch's 128 are no longer dwarfed.
+        return x.mean((2, 3)) if self.average else x.flatten(1)  # [B, out_dim]
 
 
 class TextLSTMAttention(nn.Module):
@@ -127,38 +136,44 @@ class FusionClassifier(nn.Module):
         self.config = config
         self.image = ImageCNN(config) if config.mode in ("fusion", "image") else None
         self.text = TextLSTMAttention(config) if config.mode in ("fusion", "text") else None
-        in_dim = sum(branch.out_dim for branch in (self.image, self.text) if branch is not None)
+        branches = [branch for branch in (self.image, self.text) if branch is not None]
+        self.late = config.fusion_head == "sum" and len(branches) == 2
+        self.head = None if self.late else self._mlp(sum(branch.out_dim for branch in branches), config)
+        # One linear classifier per branch. With fusion_head "sum" their logits are added to make the
+        # prediction (late fusion); with aux_heads each also has its own loss, so each branch keeps learning
+        # after the other one has fitted the training set (Wang et al. 2020, "What makes training
+        # multi-modal classification networks hard?"); without "sum" they are used in training only.
+        self.branch_heads = None
+        if config.mode == "fusion" and (config.aux_heads or self.late):
+            self.branch_heads = nn.ModuleList(
+                nn.Sequential(nn.Dropout(config.dropout), nn.Linear(branch.out_dim, config.num_classes))
+                for branch in branches
+            )
+        self.apply(_init_weights)
+        # Near-zero logits at the start: the initial loss is ln(num_classes), not a confident guess.
+        for classifier in [*([self.head] if self.head else []), *(self.branch_heads or [])]:
+            nn.init.normal_(classifier[-1].weight, std=0.01)
+
+    @staticmethod
+    def _mlp(in_dim: int, config: ModelConfig) -> nn.Sequential:
         layers = []
         for dim in config.fc_dims:
             layers += [nn.Dropout(config.dropout), nn.Linear(in_dim, dim), nn.ReLU(inplace=True)]
             in_dim = dim
-        self.head = nn.Sequential(*layers, nn.Dropout(config.dropout), nn.Linear(in_dim, config.num_classes))
-        # One classifier per branch with its own loss: each branch keeps learning after the other one
-        # has fitted the training set (Wang et al. 2020, "What makes training multi-modal classification
-        # networks hard?"). Used in training only; predictions come from the fused head.
-        self.aux = None
-        if config.aux_heads and config.mode == "fusion":
-            self.aux = nn.ModuleList(
-                nn.Sequential(nn.Dropout(config.dropout), nn.Linear(branch.out_dim, config.num_classes))
-                for branch in (self.image, self.text)
-            )
-        self.apply(_init_weights)
-        # Near-zero logits at the start: the initial loss is ln(num_classes), not a confident guess.
-        for classifier in [self.head, *(self.aux or [])]:
-            nn.init.normal_(classifier[-1].weight, std=0.01)
+        return nn.Sequential(*layers, nn.Dropout(config.dropout), nn.Linear(in_dim, config.num_classes))
 
     def forward(self, image: Tensor | None, tokens: Tensor | None, with_aux: bool = False):
-        """Logits [B, num_classes]; with ``with_aux`` (training), also the per-branch logits (a list,
-        empty without aux heads)."""
+        """Logits [B, num_classes]; with ``with_aux`` (training), also the per-branch logits that have a
+        loss of their own (a list, empty without aux heads)."""
         features, _ = self._features(image, tokens)
-        logits = self._fuse(features)
+        logits, branch_logits = self._fuse(features)
         if not with_aux:
             return logits
-        return logits, [head(f) for head, f in zip(self.aux or [], features)]  # [B, num_classes] each
+        return logits, branch_logits if self.config.aux_heads else []
 
     def forward_with_attention(self, image: Tensor | None, tokens: Tensor | None) -> tuple[Tensor, Tensor | None]:
         features, attention = self._features(image, tokens)
-        return self._fuse(features), attention  # [B, num_classes], [B, L] | None
+        return self._fuse(features)[0], attention  # [B, num_classes], [B, L] | None
 
     def _features(self, image: Tensor | None, tokens: Tensor | None) -> tuple[list[Tensor], Tensor | None]:
         features, attention = [], None
@@ -169,15 +184,22 @@ class FusionClassifier(nn.Module):
             features.append(text_features)
         return features, attention
 
-    def _fuse(self, features: list[Tensor]) -> Tensor:
+    def _fuse(self, features: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """(logits [B, C], per-branch logits [B, C] each: empty for a one-branch model)."""
+        branch_logits = [head(f) for head, f in zip(self.branch_heads or [], features)]
         if self.training and self.config.modality_dropout > 0 and len(features) == 2:
-            features = self._drop_one_branch(*features)
-        return self.head(torch.cat(features, dim=1))
+            if self.late:  # features and logits alike: a dropped branch adds nothing to the sum
+                branch_logits = self._drop_one_branch(*branch_logits)
+            else:
+                features = self._drop_one_branch(*features)
+        if self.late:
+            return branch_logits[0] + branch_logits[1], branch_logits
+        return self.head(torch.cat(features, dim=1)), branch_logits
 
     def _drop_one_branch(self, image_features: Tensor, text_features: Tensor) -> list[Tensor]:
-        """Zeroes the image or the text features (a coin flip) of a random share of the samples, so
-        neither branch can lean on the other: the one that fits the training set first (here the
-        CNN) would otherwise leave the other little gradient to learn from."""
+        """Zeroes the image or the text features (or logits; a coin flip which) of a random share of the
+        samples, so neither branch can lean on the other: the one that fits the training set first (here
+        the CNN) would otherwise leave the other little gradient to learn from."""
         B = image_features.shape[0]
         dropped = torch.rand(B, 1, device=image_features.device) < self.config.modality_dropout  # [B, 1]
         image_side = torch.rand(B, 1, device=image_features.device) < 0.5
@@ -211,7 +233,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def flops_per_sample(config: ModelConfig, seq_len: int = DEFAULT_SEQ_LEN) -> int:
-    """2 x multiply-adds of one sample's forward pass: convs, LSTM at full length `seq_len`
+    """2 x multiply-adds of one sample's forward pass (at inference): convs, LSTM at full length `seq_len`
     (packing skips padding, so real texts cost less), attention and FC layers. Bias adds,
     activations, pooling, BatchNorm, softmax and the embedding lookup are left out (<1%)."""
     macs = 0
@@ -220,7 +242,7 @@ def flops_per_sample(config: ModelConfig, seq_len: int = DEFAULT_SEQ_LEN) -> int
         for out_ch in config.conv_channels:
             macs += size * size * out_ch * in_ch * 9  # 'same' conv at full resolution, before the pool
             in_ch, size = out_ch, size // 2
-        features = in_ch * size * size
+        features = in_ch * (1 if config.image_pool == "avg" else size * size)
     else:
         features = 0
     if config.mode in ("fusion", "text"):
@@ -231,7 +253,8 @@ def flops_per_sample(config: ModelConfig, seq_len: int = DEFAULT_SEQ_LEN) -> int
             in_dim = directions * H
         macs += seq_len * (in_dim * in_dim + in_dim + in_dim)  # W h_t, v^T tanh(.), weighted sum
         features += in_dim
-    for dim in (*config.fc_dims, config.num_classes):
+    late = config.mode == "fusion" and config.fusion_head == "sum"
+    for dim in (config.num_classes,) if late else (*config.fc_dims, config.num_classes):  # one FC per branch if late
         macs += features * dim
         features = dim
     return 2 * macs

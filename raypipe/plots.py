@@ -83,3 +83,20 @@ def seed_band_curves(bands: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, 
     ax.grid(alpha=0.3)
     ax.legend()
     return _png(fig)
+
+
+def reliability_diagram(curves: dict[str, dict[str, list[float]]], title: str) -> bytes:
+    """Accuracy against mean confidence per confidence bin (``calibration.reliability``), one line per
+    curve (e.g. before and after temperature scaling); the diagonal is perfect calibration, and the
+    marker area grows with the bin's rows."""
+    fig, ax = plt.subplots(figsize=(4.8, 4.8))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
+    for label, bins in curves.items():
+        rows = np.asarray(bins["rows"], dtype=float)
+        sizes = 12 + 120 * rows / max(rows.max(), 1) if len(rows) else []
+        (line,) = ax.plot(bins["confidence"], bins["accuracy"], label=label)
+        ax.scatter(bins["confidence"], bins["accuracy"], s=sizes, color=line.get_color())
+    ax.set(xlabel="confidence (top-1 probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    return _png(fig)

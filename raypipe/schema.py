@@ -35,6 +35,7 @@ ERROR_MESSAGE = "error_message"
 PREDICTED_ID, PREDICTED, CONFIDENCE = "predicted_id", "predicted", "confidence"
 TOP_K_LABELS, TOP_K_SCORES = "top_k_labels", "top_k_scores"
 ATTENTION_WORDS, ATTENTION_WEIGHTS = "attention_words", "attention_weights"  # explain_words > 0 only
+CONFIDENCE_UNCALIBRATED = "confidence_uncalibrated"  # evaluate only: the top-1 probability at temperature 1
 
 # Pass 1 of prepare (token and label counts): one row per (kind, name).
 COUNT_KIND, COUNT_NAME, COUNT = "kind", "name", "count"
@@ -56,6 +57,7 @@ COLUMN_TYPES: dict[str, pa.DataType] = {
     PREDICTED_ID: pa.int64(),
     PREDICTED: pa.string(),
     CONFIDENCE: pa.float32(),
+    CONFIDENCE_UNCALIBRATED: pa.float32(),
     TOP_K_LABELS: pa.list_(pa.string()),
     TOP_K_SCORES: pa.list_(pa.float32()),
     ATTENTION_WORDS: pa.list_(pa.string()),

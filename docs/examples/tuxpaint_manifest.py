@@ -9,7 +9,7 @@ first line is its English description; the other lines are translations (``ko.ut
 manifest row per stamp:
 
     key     the stamp's path under stamps/ without extension (animals/birds/duck): stable ids, so the
-            key-hash train/validation split does not move when the package changes order
+            key-hash train/validation/test split does not move when the package changes order
     image   absolute path of the picture; a stamp shipped both as PNG and SVG is one stamp (the PNG
             is used: no rasterizer needed)
     text    the English description (first line of <name>.txt)
@@ -23,10 +23,10 @@ first path in sorted order is kept).
 
 Text augmentation (off by default): ``--augment-languages de,fr,ko`` adds, for each stamp in the
 *training* split, one row per language with the translated description and the same picture. This
-is augmentation, not a different data set: validation keeps only the original English rows, so the
-validation figures stay comparable. Which stamps are in training is computed with raypipe's own
-key-hash split (``--val-fraction`` / ``--salt`` must match prepare's split settings, default 0.2 /
-raypipe), and each augmented row gets a key (``<key>#<lang>``, with ``~N`` appended when needed)
+is augmentation, not a different data set: validation and test keep only the original English rows, so
+their figures stay comparable. Which stamps are in training is computed with raypipe's own
+key-hash split (``--val-fraction`` / ``--test-fraction`` / ``--salt`` must match prepare's split settings,
+default 0.1 / 0.1 / raypipe), and each augmented row gets a key (``<key>#<lang>``, with ``~N`` appended when needed)
 that hashes into the training split too.
 """
 
@@ -38,6 +38,10 @@ import hashlib
 import sys
 from collections import Counter
 from pathlib import Path
+
+import numpy as np
+
+from raypipe.transforms.split import TRAIN, SplitRule, assign_split
 
 STAMPS_DIR = Path("/usr/share/tuxpaint/stamps")
 INSTALL_HINT = "apt-get install -y --no-install-recommends tuxpaint-stamps-default"
@@ -92,25 +96,22 @@ def find_stamps(root: Path) -> tuple[list[dict], Counter]:
     return stamps, skipped
 
 
-def augmented_rows(stamps: list[dict], languages: list[str], val_fraction: float, salt: str) -> list[dict]:
+def augmented_rows(stamps: list[dict], languages: list[str], split: SplitRule) -> list[dict]:
     """Translated copies of the training-split stamps, with keys that hash into the training split."""
-    import numpy as np
 
-    from raypipe.transforms.split import validation_mask
-
-    def in_val(key: str) -> bool:
-        return bool(validation_mask(np.array([key], dtype=object), val_fraction, salt)[0])
+    def held_out(key: str) -> bool:
+        return assign_split(np.array([key], dtype=object), split)[0] != TRAIN
 
     rows = []
     for stamp in stamps:
-        if in_val(stamp["key"]):
+        if held_out(stamp["key"]):
             continue
         for lang in languages:
             text = stamp["translations"].get(lang)
             if not text:
                 continue
             key, attempt = f"{stamp['key']}#{lang}", 0
-            while in_val(key):
+            while held_out(key):
                 attempt += 1
                 key = f"{stamp['key']}#{lang}~{attempt}"
             rows.append({**stamp, "key": key, "text": text, "language": lang})
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=Path("tuxpaint_manifest.csv"), help="the manifest (CSV) to write")
     p.add_argument("--min-per-category", type=int, default=20, help="leave out smaller categories (default 20)")
     p.add_argument("--augment-languages", default="", help="comma-separated, e.g. de,fr,ko (default: none)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="prepare's split.val_fraction (augmentation only)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="prepare's split.val_fraction (augmentation only)")
+    p.add_argument("--test-fraction", type=float, default=0.1, help="prepare's split.test_fraction (augmentation only)")
     p.add_argument("--salt", default="raypipe", help="prepare's split.salt (augmentation only)")
     args = p.parse_args(argv)
 
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     kept = {c for c, n in per_category.items() if n >= args.min_per_category}
     rows = [{**s, "language": "en"} for s in stamps if s["label"] in kept]
     languages = [lang.strip() for lang in args.augment_languages.split(",") if lang.strip()]
-    extra = augmented_rows(rows, languages, args.val_fraction, args.salt) if languages else []
+    extra = augmented_rows(rows, languages, SplitRule(args.val_fraction, args.test_fraction, args.salt)) if languages else []
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with args.output.open("w", newline="", encoding="utf-8") as f:

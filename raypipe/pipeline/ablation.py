@@ -1,14 +1,19 @@
 """The paper's ablation: image-only, text-only and fusion trained on the same prepared split, each
 with one or more seeds.
 
-Writes, under ``run.storage_path/run.name``:
+Every run is chosen on validation (early stopping, the epoch kept, the temperature) and then evaluated
+once on ``evaluate_split`` (test by default: rows no training decision has read). Writes, under
+``run.storage_path/run.name``:
 
-    ablation.json            every run (mode, seed, best epoch, metrics, history, bundle) and the table
-    ablation.md              the table: one row per mode (with seeds: mean and standard deviation)
-    ablation.png             validation accuracy per epoch (like the paper's Figure 6); with seeds the
-                             mean per mode with a band of one standard deviation
-    ablation_confusion.png   (confusion_matrix=true) the fusion model's validation confusion matrix,
-                             summed over its seeds
+    ablation.json             every run (mode, seed, best epoch, validation and test metrics, history,
+                              bundle) and the table
+    ablation.md               the table: one row per mode (with seeds: mean and standard deviation)
+    ablation.png              validation accuracy per epoch (like the paper's Figure 6); with seeds the
+                              mean per mode with a band of one standard deviation
+    ablation_confusion.png    the fusion model's confusion matrix on ``evaluate_split``, summed over its seeds
+    ablation_calibration.png  the fusion model's reliability diagram on ``evaluate_split`` (summed over its
+                              seeds), before and after temperature scaling
+    evaluation/<run>/         each run's jobs/evaluate.py output
 
 Each run is an ordinary ``run_train`` run: named ``<run.name>-<mode>`` (one seed, the default) or
 ``<run.name>-<mode>-s<seed>``, so re-running the same command resumes or reuses finished runs.
@@ -21,8 +26,9 @@ import logging
 import math
 
 import numpy as np
+import torch
 
-from raypipe import plots
+from raypipe import calibration, plots
 from raypipe.config import AblationConfig, EvaluateConfig, PrepareConfig
 from raypipe.io import fs as rfs
 from raypipe.pipeline.prepare import STATS_FILE, run_prepare
@@ -30,7 +36,13 @@ from raypipe.pipeline.train import run_train
 
 log = logging.getLogger(__name__)
 
-METRICS = ("val_accuracy", "val_macro_f1")
+TRAINING_METRICS = ("val_accuracy", "val_macro_f1")  # of the best epoch, from training
+
+
+def evaluated_metrics(split: str) -> tuple[str, ...]:
+    """What ``evaluate_split`` adds per run (the validation accuracy is training's own)."""
+    scores = () if split in ("val", "none") else (f"{split}_accuracy", f"{split}_macro_f1")
+    return () if split == "none" else (*scores, f"{split}_ece_uncalibrated", f"{split}_ece")
 
 
 def _prepared_once(cfg: AblationConfig) -> str:
@@ -59,31 +71,34 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
 
 
-def aggregate(runs: list[dict]) -> list[dict]:
+def aggregate(runs: list[dict], metrics: tuple[str, ...]) -> list[dict]:
     """One row per mode (in run order): number of runs, mean/std of each metric and of the best epoch."""
     rows = []
     for mode in dict.fromkeys(r["mode"] for r in runs):
         of_mode = [r for r in runs if r["mode"] == mode]
         row = {"mode": mode, "runs": len(of_mode), "seeds": [r["seed"] for r in of_mode]}
-        for metric in (*METRICS, "best_epoch"):
+        for metric in (*metrics, "best_epoch"):
             row[metric], row[f"{metric}_std"] = mean_std([r[metric] for r in of_mode])
         rows.append(row)
     return rows
 
 
-def table_markdown(rows: list[dict]) -> str:
+def _heading(metric: str) -> str:
+    split, _, name = metric.partition("_")
+    names = {"accuracy": "accuracy", "macro_f1": "macro-F1", "ece": "ECE", "ece_uncalibrated": "ECE at T=1"}
+    return f"{split} {names[name]}"
+
+
+def table_markdown(rows: list[dict], metrics: tuple[str, ...]) -> str:
     """The ablation table; rows from ``aggregate``. One run per mode gives the plain one-run table."""
-    if all(r.get("runs", 1) == 1 for r in rows):
-        lines = ["| mode | best epoch | val accuracy | val macro-F1 |", "| --- | --- | --- | --- |"]
-        lines += [f"| {r['mode']} | {r['best_epoch']:.0f} | {r['val_accuracy']:.4f} | {r['val_macro_f1']:.4f} |" for r in rows]
-        return "\n".join(lines) + "\n"
-    lines = ["| mode | seeds | best epoch (mean) | val accuracy (mean ± std) | val macro-F1 (mean ± std) |",
-             "| --- | --- | --- | --- | --- |"]
-    lines += [
-        f"| {r['mode']} | {r['runs']} | {r['best_epoch']:.1f} | {r['val_accuracy']:.4f} ± {r['val_accuracy_std']:.4f} "
-        f"| {r['val_macro_f1']:.4f} ± {r['val_macro_f1_std']:.4f} |"
-        for r in rows
-    ]
+    one_run = all(r.get("runs", 1) == 1 for r in rows)
+    headings = ["mode", *([] if one_run else ["seeds"]), "best epoch" + ("" if one_run else " (mean)"),
+                *(_heading(m) + ("" if one_run else " (mean ± std)") for m in metrics)]
+    lines = ["| " + " | ".join(headings) + " |", "|" + " --- |" * len(headings)]
+    for r in rows:
+        cells = [r["mode"], *([] if one_run else [str(r["runs"])]), f"{r['best_epoch']:.0f}" if one_run else f"{r['best_epoch']:.1f}"]
+        cells += [f"{r[m]:.4f}" if one_run else f"{r[m]:.4f} ± {r[f'{m}_std']:.4f}" for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -102,28 +117,49 @@ def epoch_bands(histories: list[list[dict]], metric: str = "val_accuracy") -> tu
     return np.array(epochs), np.array(means), np.array(stds), np.array(counts)
 
 
-def fusion_confusion(cfg: AblationConfig, prepared: str, runs: list[dict], output: rfs.Location) -> dict | None:
-    """Evaluates every fusion run on the validation split (jobs/evaluate.py's pipeline, output under
-    ``evaluation/<run>``) and sums the confusion matrices."""
+def evaluate_run(cfg: AblationConfig, prepared: str, run: dict, output: rfs.Location) -> dict:
+    """jobs/evaluate.py's pipeline on ``cfg.evaluate_split`` (output under ``evaluation/<run>``): the run's
+    figures there, plus its confusion matrix and confidence bins for the summed plots."""
     from raypipe.pipeline.evaluate import run_evaluate
 
-    fusion = [r for r in runs if r["mode"] == "fusion"]
+    split = cfg.evaluate_split
+    result = run_evaluate(EvaluateConfig(
+        bundle=run["bundle"], prepared=prepared, which_split=split, storage=cfg.storage, ray=cfg.ray,
+        output=output.join("evaluation", run["name"]).url,
+    ))
+    figures = {f"{split}_ece": result["calibration"]["ece"],
+               f"{split}_ece_uncalibrated": result["calibration"]["ece_uncalibrated"]}
+    if split != "val":
+        figures.update({f"{split}_accuracy": result["accuracy"], f"{split}_macro_f1": result["macro_f1"]})
+    return {**figures, "temperature": result["calibration"]["temperature"], "classes": list(result["per_class"]),
+            "confusion": result["confusion"], "bin_sums": result["calibration"]["bin_sums"]}
+
+
+def fusion_plots(cfg: AblationConfig, runs: list[dict], output: rfs.Location) -> dict | None:
+    """The fusion runs' confusion matrices and confidence bins on the evaluated split, summed over the seeds,
+    as ablation_confusion.png and ablation_calibration.png; returns the sums."""
+    fusion = [r for r in runs if r["mode"] == "fusion" and "confusion" in r]
     if not fusion:
         return None
-    total, classes = None, None
-    for run in fusion:
-        result = run_evaluate(EvaluateConfig(
-            bundle=run["bundle"], prepared=prepared, which_split="val", storage=cfg.storage, ray=cfg.ray,
-            output=output.join("evaluation", run["name"]).url,
-        ))
-        confusion = np.array(result["confusion"], dtype=np.int64)
-        total = confusion if total is None else total + confusion
-        classes = list(result["per_class"])
-    return {"classes": classes, "confusion": total.tolist(), "runs": len(fusion)}
+    split, what = cfg.evaluate_split, "1 seed" if len(fusion) == 1 else f"summed over {len(fusion)} seeds"
+    confusion = np.sum([r["confusion"] for r in fusion], axis=0)
+    accuracy = float(np.trace(confusion) / max(1, confusion.sum()))
+    title = f"fusion, {split} split ({what}): accuracy {accuracy:.3f}"
+    rfs.write_bytes(output.join("ablation_confusion.png"), plots.confusion_matrix(confusion, fusion[0]["classes"], title))
+    bins = {name: torch.tensor(np.sum([r["bin_sums"][name] for r in fusion], axis=0)) for name in fusion[0]["bin_sums"]}
+    ece = {name: calibration.expected_calibration_error(b) for name, b in bins.items()}
+    curves = {f"temperature 1 (ECE {ece['uncalibrated']:.3f})": calibration.reliability(bins["uncalibrated"]),
+              f"fitted on validation (ECE {ece['calibrated']:.3f})": calibration.reliability(bins["calibrated"])}
+    rfs.write_bytes(output.join("ablation_calibration.png"),
+                    plots.reliability_diagram(curves, f"fusion, {split} split ({what})"))
+    return {"classes": fusion[0]["classes"], "confusion": confusion.tolist(), "runs": len(fusion),
+            "ece_uncalibrated": round(ece["uncalibrated"], 4), "ece": round(ece["calibrated"], 4)}
 
 
 def run_ablation(cfg: AblationConfig) -> dict:
     prepared = _prepared_once(cfg)
+    out = rfs.resolve(f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}", cfg.storage)
+    metrics = (*TRAINING_METRICS, *evaluated_metrics(cfg.evaluate_split))
     runs = []
     for mode, seed, name in planned_runs(cfg):
         run_cfg = cfg.model_copy(
@@ -136,15 +172,16 @@ def run_ablation(cfg: AblationConfig) -> dict:
         )
         result = run_train(run_cfg)
         best = result["best"]
-        runs.append(
-            {"mode": mode, "seed": seed, "name": name, "best_epoch": result["best_epoch"],
-             "epochs_run": result["epochs_run"], **{m: best[m] for m in METRICS}, "bundle": result["bundle"],
-             "history": result["history"]}
-        )
-    out = rfs.resolve(f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}", cfg.storage)
-    rows = aggregate(runs)
-    table = table_markdown(rows)
-    summary = {"prepared": prepared, "seeds": cfg.seeds, "rows": rows, "runs": runs, "table": table}
+        run = {"mode": mode, "seed": seed, "name": name, "best_epoch": result["best_epoch"],
+               "epochs_run": result["epochs_run"], **{m: best[m] for m in TRAINING_METRICS},
+               "bundle": result["bundle"], "history": result["history"]}
+        if cfg.evaluate_split != "none":
+            run.update(evaluate_run(cfg, prepared, run, out))
+        runs.append(run)
+    rows = aggregate(runs, metrics)
+    table = table_markdown(rows, metrics)
+    summary = {"prepared": prepared, "seeds": cfg.seeds, "evaluate_split": cfg.evaluate_split, "metrics": metrics,
+               "rows": rows, "runs": runs, "table": table}
     histories: dict[str, list[list[dict]]] = {}
     for run in runs:
         histories.setdefault(run["mode"], []).append(run["history"])
@@ -155,15 +192,9 @@ def run_ablation(cfg: AblationConfig) -> dict:
         bands = {mode: (*epoch_bands(runs)[:3], len(runs)) for mode, runs in histories.items()}
         curves = plots.seed_band_curves(bands, title)
     rfs.write_bytes(out.join("ablation.png"), curves)
-    if cfg.confusion_matrix:
-        confusion = fusion_confusion(cfg, prepared, runs, out)
-        if confusion is not None:
-            summary["fusion_confusion"] = confusion
-            matrix = np.array(confusion["confusion"])
-            accuracy = float(np.trace(matrix) / max(1, matrix.sum()))
-            what = "1 seed" if confusion["runs"] == 1 else f"summed over {confusion['runs']} seeds"
-            title = f"fusion, validation split ({what}): accuracy {accuracy:.3f}"
-            rfs.write_bytes(out.join("ablation_confusion.png"), plots.confusion_matrix(matrix, confusion["classes"], title))
+    fusion = fusion_plots(cfg, runs, out)
+    if fusion is not None:
+        summary["fusion"] = fusion
     rfs.write_text(out.join("ablation.json"), json.dumps(summary, indent=1, default=_json_number))
     rfs.write_text(out.join("ablation.md"), table)
     summary["output"] = out.url

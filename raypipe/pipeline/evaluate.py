@@ -1,5 +1,6 @@
 """`evaluate`: a model bundle on a prepared split (or raw labeled shards preprocessed with the
-bundle's own settings) -> metrics.json, per_class.csv, confusion_matrix.png, training_curves.png."""
+bundle's own settings) -> metrics.json, per_class.csv, confusion_matrix.png, calibration.png (reliability
+diagram before and after temperature scaling), training_curves.png."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import json
 import logging
 
 import numpy as np
+import torch
 
-from raypipe import plots, schema
+from raypipe import calibration, plots, schema
 from raypipe.bundle import load_bundle
 from raypipe.config import DataSections, EvaluateConfig
 from raypipe.errors import UserError
@@ -68,22 +70,30 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     predictions = rows.map_batches(
         BundlePredictor,
         fn_constructor_args=(cfg.bundle, cfg.storage, cfg.predict.top_k, None, 0, None, cfg.predict.precision),
+        fn_constructor_kwargs={"uncalibrated": True},
         batch_size=cfg.predict.batch_size,
         batch_format="numpy",
         **compute,
-    ).select_columns([schema.LABEL_ID, PREDICTED_ID, schema.STATUS])
+    ).select_columns([schema.LABEL_ID, PREDICTED_ID, schema.STATUS, schema.CONFIDENCE, schema.CONFIDENCE_UNCALIBRATED])
 
     n = len(bundle.classes)
     confusion = np.zeros((n, n), dtype=np.int64)
+    # Confidence bins (calibration.bin_sums) with the bundle's temperature and without it.
+    bins = {name: torch.zeros(calibration.ECE_BINS, 3, dtype=torch.float64) for name in ("calibrated", "uncalibrated")}
     skipped: dict[str, int] = {}
     for batch in predictions.iter_batches(batch_format="numpy", batch_size=4096):
         ok = batch[schema.STATUS] == schema.Status.OK.value
         for status in batch[schema.STATUS][~ok]:
             skipped[status] = skipped.get(status, 0) + 1
         # Null predictions (rows that are not ok) make the column float; the ok rows are whole numbers.
-        confusion += confusion_matrix(batch[schema.LABEL_ID][ok], batch[PREDICTED_ID][ok].astype(np.int64), n)
+        truth, predicted = batch[schema.LABEL_ID][ok], batch[PREDICTED_ID][ok].astype(np.int64)
+        confusion += confusion_matrix(truth, predicted, n)
+        correct = torch.from_numpy(truth == predicted)
+        for name, column in (("calibrated", schema.CONFIDENCE), ("uncalibrated", schema.CONFIDENCE_UNCALIBRATED)):
+            bins[name] += calibration.bin_sums(torch.from_numpy(batch[column][ok].astype(np.float64)), correct)
     if confusion.sum() == 0:
-        raise EvaluateError(f"no labeled rows to evaluate in split {cfg.which_split!r} (skipped: {skipped})")
+        hint = " (data prepared with split.test_fraction=0 has no test split: use which_split=val)" if cfg.which_split == "test" else ""
+        raise EvaluateError(f"no labeled rows to evaluate in split {cfg.which_split!r}{hint} (skipped: {skipped})")
 
     stats = per_class(confusion)
     result = {
@@ -98,6 +108,13 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
             for i, c in enumerate(bundle.classes)
         },
         "confusion": confusion.tolist(),
+        "calibration": {
+            "temperature": bundle.temperature,  # fitted on the validation split when the model was trained
+            "ece": round(calibration.expected_calibration_error(bins["calibrated"]), 4),
+            "ece_uncalibrated": round(calibration.expected_calibration_error(bins["uncalibrated"]), 4),
+            "reliability": {name: calibration.reliability(b) for name, b in bins.items()},
+            "bin_sums": {name: b.tolist() for name, b in bins.items()},  # [ECE_BINS, 3]: rows, confidence, correct
+        },
     }
     rfs.write_text(output.join("metrics.json"), json.dumps(result, indent=1, ensure_ascii=False))
     table = ["class,precision,recall,f1,support"] + [
@@ -106,6 +123,12 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     rfs.write_text(output.join("per_class.csv"), "\n".join(table) + "\n")
     title = f"{bundle.model_config.mode} model, {cfg.which_split} split: accuracy {result['accuracy']:.3f}"
     rfs.write_bytes(output.join("confusion_matrix.png"), plots.confusion_matrix(confusion, list(bundle.classes), title))
+    reliability = result["calibration"]["reliability"]
+    rfs.write_bytes(output.join("calibration.png"), plots.reliability_diagram(
+        {f"temperature 1 (ECE {result['calibration']['ece_uncalibrated']:.3f})": reliability["uncalibrated"],
+         f"temperature {bundle.temperature:.2f} (ECE {result['calibration']['ece']:.3f})": reliability["calibrated"]},
+        f"{bundle.model_config.mode} model, {cfg.which_split} split",
+    ))
     if bundle.metrics.get("history"):
         rfs.write_bytes(output.join("training_curves.png"), plots.training_curves(bundle.metrics["history"], title))
     result["output"] = output.url

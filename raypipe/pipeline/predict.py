@@ -65,11 +65,13 @@ class BundlePredictor:
         explain_words: int = 0,
         passthrough: Mapping[str, pa.DataType] | None = None,
         precision: str = "auto",
+        uncalibrated: bool = False,
     ):
         """``explain_words`` > 0 adds, for models that read text, the words the attention weighted most
         (vocabulary tokens, ``<unk>`` for words outside it) and their weights, most weighted first.
         ``passthrough``: the Arrow types of the input columns the rows carry beside raypipe's own.
-        ``precision``: ``predict.precision`` (auto, fp32, bf16, fp16), resolved for the device."""
+        ``precision``: ``predict.precision`` (auto, fp32, bf16, fp16), resolved for the device.
+        ``uncalibrated`` adds the top-1 probability before temperature scaling (evaluate's calibration report)."""
         self.passthrough = dict(passthrough or {})
         self.bundle = load_bundle(bundle_url, storage)
         self.explain_words = explain_words if self.bundle.model_config.mode in ("fusion", "text") else 0
@@ -80,6 +82,7 @@ class BundlePredictor:
         self.top_k = min(top_k, len(self.classes))
         self.precision = resolve_precision(precision, self.device.type)
         self.rechecked = 0  # rows run again in fp32 (close calls), for benchmarks and tests
+        self.uncalibrated = uncalibrated
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -88,6 +91,7 @@ class BundlePredictor:
         ok = schema.ok_mask(batch)
         top_ids = np.zeros((0, self.top_k), dtype=np.int64)
         top_scores = np.zeros((0, self.top_k), dtype=np.float32)
+        unscaled_top = np.zeros(0, dtype=np.float32)
         explained: list[tuple[list[str], list[float]]] = []
         if ok.any():
             image = torch.from_numpy(np.ascontiguousarray(batch[schema.IMAGE][ok])).to(self.device)
@@ -98,6 +102,8 @@ class BundlePredictor:
                 explained = self._explain(tokens.cpu().numpy(), attention.float().cpu().numpy())
             scores, ids = probs.topk(self.top_k, dim=1)
             top_ids, top_scores = ids.cpu().numpy(), scores.cpu().numpy()
+            if self.uncalibrated:
+                unscaled_top = torch.softmax(logits * self.bundle.temperature, dim=1).max(1).values.cpu().numpy()
         rows = iter(range(len(top_ids)))
         which = [next(rows) if is_ok else None for is_ok in ok]  # prediction row of each input row
 
@@ -112,6 +118,8 @@ class BundlePredictor:
         columns[CONFIDENCE] = per_row(lambda r: float(top_scores[r, 0]))
         columns[TOP_K_LABELS] = per_row(lambda r: [self.classes[i] for i in top_ids[r]])
         columns[TOP_K_SCORES] = per_row(lambda r: top_scores[r].tolist())
+        if self.uncalibrated:
+            columns[schema.CONFIDENCE_UNCALIBRATED] = per_row(lambda r: float(unscaled_top[r]))
         if self.explain_words:
             columns[ATTENTION_WORDS] = per_row(lambda r: explained[r][0])
             columns[ATTENTION_WEIGHTS] = per_row(lambda r: explained[r][1])
@@ -136,12 +144,13 @@ class BundlePredictor:
 
     def _run(self, image: torch.Tensor, tokens: torch.Tensor, dtype: torch.dtype | None):
         """The model on CPU chunks (a GPU takes the whole batch), under autocast when ``dtype`` is given: the
-        weights stay fp32, convs, LSTM and linears run in ``dtype``; the outputs are returned in fp32."""
+        weights stay fp32, convs, LSTM and linears run in ``dtype``; the outputs are returned in fp32, the
+        logits divided by the bundle's temperature (so every probability downstream is calibrated)."""
         rows = CPU_CHUNK_ROWS if self.device.type == "cpu" else len(image)
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             chunks = [self.model.forward_with_attention(image[i : i + rows], tokens[i : i + rows])
                       for i in range(0, len(image), rows)]
-        logits = torch.cat([chunk_logits for chunk_logits, _ in chunks]).float()
+        logits = torch.cat([chunk_logits for chunk_logits, _ in chunks]).float() / self.bundle.temperature
         attention = None if chunks[0][1] is None else torch.cat([a for _, a in chunks]).float()
         return logits, attention
 

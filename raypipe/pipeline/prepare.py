@@ -120,7 +120,7 @@ def plan_prepare(cfg: DataSections) -> PreparePlan:
     if cfg.text.lemmatize:
         ensure_wordnet()
     log.info("reading %d %s file(s) from %s", len(inputs.files), inputs.format, ", ".join(cfg.data.input))
-    return PreparePlan(cfg, inputs, sidecar, SplitRule(cfg.split.val_fraction, cfg.split.salt))
+    return PreparePlan(cfg, inputs, sidecar, cfg.split.rule())
 
 
 def build_vocab_and_classes(plan: PreparePlan) -> tuple[Vocabulary, tuple[str, ...], dict[str, int]]:
@@ -351,7 +351,7 @@ def summary_lines(stats: dict) -> list[str]:
         f"prepared {stats['rows_in']} rows from {stats['input_files']} {stats['input_format']} file(s) "
         f"in {stats['elapsed_s']} s ({stats['rows_per_s']} rows/s) -> {stats['output']}",
         f"  ok: {stats['rows_ok']} (train {stats['ok_by_split'].get('train', 0)}, "
-        f"val {stats['ok_by_split'].get('val', 0)}); {stats['num_classes']} classes, vocabulary {stats['vocab_size']}",
+        f"val {stats['ok_by_split'].get('val', 0)}, test {stats['ok_by_split'].get('test', 0)}); {stats['num_classes']} classes, vocabulary {stats['vocab_size']}",
     ]
     lines += [f"  {status}: {count}" for status, count in errors.items()]
     for status, examples in stats["error_examples"].items():

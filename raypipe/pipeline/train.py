@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raypipe import schema
+from raypipe import calibration, schema
 from raypipe.bundle import Bundle, save_bundle
 from raypipe.console import say
 from raypipe.config import OptimSection, TrainConfig, dump_config
@@ -389,12 +389,14 @@ def train_epoch(state: WorkerState, shard, epoch: int, loss_fn, scaler) -> torch
     return sums
 
 
-def validate(state: WorkerState, shard) -> tuple[torch.Tensor, torch.Tensor]:
-    """This worker's validation shard: [summed loss, rows] and the confusion matrix (true x predicted)."""
+def validate(state: WorkerState, shard) -> tuple[torch.Tensor, ...]:
+    """This worker's validation shard: [summed loss, rows], the confusion matrix (true x predicted) and
+    the temperature-scaling sums (``calibration.accumulate``)."""
     n = state.loop.model.num_classes
     state.model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=state.device)
     confusion = torch.zeros(n, n, dtype=torch.int64, device=state.device)
+    nll, bins = calibration.empty_sums(state.device)
     batch_size = 4 * max(1, state.loop.optim.batch_size // state.world)
     with torch.no_grad(), torch.autocast(state.device.type, dtype=state.amp_dtype, enabled=state.use_amp):
         for batch in _batches(shard, batch_size, state.device):
@@ -405,11 +407,13 @@ def validate(state: WorkerState, shard) -> tuple[torch.Tensor, torch.Tensor]:
                 dtype=torch.float64, device=state.device,
             )
             confusion += torch.bincount(labels * n + logits.argmax(1), minlength=n * n).view(n, n)
-    return sums, confusion
+            calibration.accumulate(nll, bins, logits, labels)
+    return sums, confusion, nll, bins
 
 
-def epoch_metrics(epoch: int, train_sums, val_sums, confusion, train_seconds: float, started: float) -> dict:
-    """The epoch's metrics over all workers (the sums already reduced)."""
+def epoch_metrics(epoch: int, train_sums, val_sums, confusion, fitted: dict, train_seconds: float,
+                  started: float) -> dict:
+    """The epoch's metrics over all workers (the sums already reduced); ``fitted``: ``calibration.fit``'s."""
     scores = summary(confusion.cpu().numpy())
     return {
         "epoch": epoch + 1,
@@ -421,6 +425,9 @@ def epoch_metrics(epoch: int, train_sums, val_sums, confusion, train_seconds: fl
         "epoch_seconds": round(time.perf_counter() - started, 2),
         "train_rows": int(train_sums[1]),
         "val_rows": int(val_sums[1]),
+        "temperature": fitted["temperature"],  # of least validation NLL, for this epoch's weights
+        "val_ece": fitted["ece"],
+        "val_ece_calibrated": fitted["ece_calibrated"],
     }
 
 
@@ -476,10 +483,11 @@ def train_loop_per_worker(config: dict) -> None:
         started = time.perf_counter()
         train_sums = train_epoch(state, train_shard, epoch, loss_fn, scaler)
         train_seconds = torch.tensor([time.perf_counter() - started], device=state.device)
-        val_sums, confusion = validate(state, val_shard)
-        _all_reduce(train_sums, val_sums, confusion)
+        val_sums, confusion, nll, bins = validate(state, val_shard)
+        _all_reduce(train_sums, val_sums, confusion, nll, bins)
         _all_reduce(train_seconds, maximum=True)
-        metrics = epoch_metrics(epoch, train_sums, val_sums, confusion, float(train_seconds[0]), started)
+        fitted = calibration.fit(nll, bins)
+        metrics = epoch_metrics(epoch, train_sums, val_sums, confusion, fitted, float(train_seconds[0]), started)
         improved, stop = record(state, metrics)
         report(state, metrics, improved, stop, tensorboard)
         if stop:
@@ -583,7 +591,8 @@ def run_train(cfg: TrainConfig) -> dict:
         bundle_url,
         cfg.storage,
         Bundle(model_config, data.image, data.text, data.vocab, data.classes, best_state, metrics,
-               precision={"trained": progress.get("precision", "fp32"), "validated": progress.get("precision", "fp32")}),
+               precision={"trained": progress.get("precision", "fp32"), "validated": progress.get("precision", "fp32")},
+               temperature=best["temperature"]),
     )
     summary = ("best_epoch", "best", "epochs_run", "attempts", "worker_nodes", "history")
     return {"bundle": bundle_url, "identity": identity, **{k: metrics[k] for k in summary}}

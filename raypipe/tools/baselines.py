@@ -4,7 +4,7 @@
     python -m raypipe.tools.baselines ~/.cache/raypipe/prepared [--output DIR] [--pca 100]
 
 On the rows of a ``jobs/prepare.py`` output with status ok, using its ``split`` column (the same
-80/20 split the neural models train and validate on) and the same inputs they see:
+train / validation / test split the neural models use) and the same inputs they see:
 
 * text: TF-IDF over the prepared token ids (cleaned, lemmatized, vocabulary of the training split,
   ``max_len`` tokens; padding dropped) + logistic regression;
@@ -13,7 +13,7 @@ On the rows of a ``jobs/prepare.py`` output with status ok, using its ``split`` 
 * late fusion: the average of the two models' class probabilities.
 
 The logistic regressions' C is chosen by stratified cross-validation on the training split only;
-the validation split is used once, to score. Reads the prepared Parquet with pyarrow on one machine
+the validation and test splits are used once each, to score (test only when the split has one). Reads the prepared Parquet with pyarrow on one machine
 (no Ray): meant for sets that fit in memory, such as the Tux Paint stamps or the built-in sample.
 """
 
@@ -35,7 +35,7 @@ from raypipe.config import StorageConfig
 from raypipe.io import fs as rfs
 from raypipe.metrics import confusion_matrix, summary
 from raypipe.transforms.image import image_rows
-from raypipe.transforms.split import TRAIN, VAL
+from raypipe.transforms.split import SPLITS, TEST, TRAIN, VAL
 
 PREPARED_DIR, CLASSES_FILE = "prepared", "classes.json"  # the layout of raypipe.pipeline.prepare
 CS = (0.01, 0.1, 1.0, 10.0, 100.0)
@@ -76,7 +76,7 @@ def load_prepared(url: str, storage: StorageConfig | None = None) -> tuple[dict[
     tokens = _tensor_rows(table[schema.TOKENS], table.schema.field(schema.TOKENS))
     labels = table[schema.LABEL_ID].to_numpy()
     split = np.asarray(table[schema.SPLIT].to_pylist(), dtype=object)
-    return {s: Split(images[split == s], tokens[split == s], labels[split == s]) for s in (TRAIN, VAL)}, classes
+    return {s: Split(images[split == s], tokens[split == s], labels[split == s]) for s in SPLITS}, classes
 
 
 def token_counts(tokens: np.ndarray, vocab_size: int):
@@ -131,25 +131,31 @@ def probabilities(model, features, num_classes: int) -> np.ndarray:
 
 
 def run_baselines(prepared: str, storage: StorageConfig | None = None, components: int = 100, seed: int = 0) -> dict:
+    """Fits on the training split; ``results[split][baseline]``: accuracy, macro-F1 and confusion matrix on
+    the validation split and, when there is one, the test split."""
     splits, classes = load_prepared(prepared, storage)
     train, val = splits[TRAIN], splits[VAL]
     if len(train.labels) == 0 or len(val.labels) == 0:
-        raise ValueError(f"{prepared}: needs ok rows in both splits (train {len(train.labels)}, val {len(val.labels)})")
+        raise ValueError(f"{prepared}: needs ok rows in the train and val splits (train {len(train.labels)}, "
+                         f"val {len(val.labels)})")
+    scored = {name: split for name, split in splits.items() if name != TRAIN and len(split.labels)}
     n = len(classes)
-    vocab_size = int(max(train.tokens.max(), val.tokens.max())) + 1
+    vocab_size = int(max(split.tokens.max() for split in splits.values() if len(split.labels))) + 1
     text = text_model(train, vocab_size, seed)
     image = image_model(train, components, seed)
-    probs = {
-        "text": probabilities(text, token_counts(val.tokens, vocab_size), n),
-        "image": probabilities(image, pixels(val.images), n),
-    }
-    probs["late_fusion"] = (probs["text"] + probs["image"]) / 2
     results = {}
-    for name in BASELINES:
-        confusion = confusion_matrix(val.labels, probs[name].argmax(1), n)
-        results[name] = {**summary(confusion), "confusion": confusion.tolist()}
+    for split_name, split in scored.items():
+        probs = {
+            "text": probabilities(text, token_counts(split.tokens, vocab_size), n),
+            "image": probabilities(image, pixels(split.images), n),
+        }
+        probs["late_fusion"] = (probs["text"] + probs["image"]) / 2
+        results[split_name] = {}
+        for name in BASELINES:
+            confusion = confusion_matrix(split.labels, probs[name].argmax(1), n)
+            results[split_name][name] = {**summary(confusion), "confusion": confusion.tolist()}
     return {
-        "prepared": prepared, "classes": classes, "train_rows": len(train.labels), "val_rows": len(val.labels),
+        "prepared": prepared, "classes": classes, "rows": {name: len(split.labels) for name, split in splits.items()},
         "settings": {"pca_components": image[0].n_components_, "Cs": list(CS), "seed": seed,
                      "C_text": _chosen_c(text), "C_image": _chosen_c(image)},
         "results": results,
@@ -162,10 +168,15 @@ def _chosen_c(model) -> float:
 
 
 def table_markdown(result: dict) -> str:
-    lines = ["| linear baseline | val accuracy | val macro-F1 |", "| --- | --- | --- |"]
+    splits = [s for s in (VAL, TEST) if s in result["results"]]
+    lines = ["| linear baseline | " + " | ".join(f"{s} accuracy | {s} macro-F1" for s in splits) + " |",
+             "| --- |" + " --- | --- |" * len(splits)]
     names = {"text": "text: TF-IDF + logistic regression", "image": "image: pixels + PCA + logistic regression",
              "late_fusion": "late fusion: mean of the two probabilities"}
-    lines += [f"| {names[k]} | {v['accuracy']:.4f} | {v['macro_f1']:.4f} |" for k, v in result["results"].items()]
+    for name in BASELINES:
+        cells = [f"{result['results'][s][name]['accuracy']:.4f} | {result['results'][s][name]['macro_f1']:.4f}"
+                 for s in splits]
+        lines.append(f"| {names[name]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -178,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     result = run_baselines(args.prepared, components=args.pca, seed=args.seed)
     table = table_markdown(result)
-    print(f"train {result['train_rows']} rows, val {result['val_rows']} rows, {len(result['classes'])} classes")
+    print(", ".join(f"{name} {rows} rows" for name, rows in result["rows"].items()) + f"; {len(result['classes'])} classes")
     print(table, end="")
     if args.output:
         out = rfs.resolve(args.output, StorageConfig())

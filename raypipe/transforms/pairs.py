@@ -44,7 +44,7 @@ def count_batch(
         names = [label_text(v) for v in batch[label_rule.column]]
         usable = np.array([name is not None for name in names], dtype=bool)
         labels = Counter(name for name in names if name is not None)
-    usable &= schema.ok_mask(batch) & (assign_split(batch[schema.KEY], split.val_fraction, split.salt) == TRAIN)
+    usable &= schema.ok_mask(batch) & (assign_split(batch[schema.KEY], split) == TRAIN)
     tokens = Counter()
     for text in batch[schema.TEXT][usable]:
         tokens.update(normalizer.tokens(text))
@@ -77,7 +77,7 @@ class PairPreparer:
         else:
             batch[schema.LABEL] = np.full(n, None, dtype=object)
             batch[schema.LABEL_ID] = np.full(n, -1, dtype=np.int64)
-        batch[schema.SPLIT] = assign_split(batch[schema.KEY], self.split.val_fraction, self.split.salt)
+        batch[schema.SPLIT] = assign_split(batch[schema.KEY], self.split)
         batch = preprocess_images(batch, self.image)
         token_lists = [self.normalizer.tokens(t) for t in batch[schema.TEXT]]
         batch[schema.TOKENS], batch[schema.LENGTH] = encode_tokens(token_lists, self.token_to_id, self.text.max_len)

@@ -1,7 +1,14 @@
-"""Deterministic train/validation split from a hash of the key.
+"""Deterministic train/validation/test split from a hash of the key.
 
 Stable across runs, workers and re-reads, and needs no global shuffle: a row's split depends on its
-key (and the salt) only.
+key (and the salt) only. Each key draws a number u in [0, 1) from its hash:
+
+    u < test_fraction                                  -> test
+    test_fraction <= u < test_fraction + val_fraction  -> val
+    otherwise                                          -> train
+
+so changing ``val_fraction`` never moves a row into or out of test, and with ``test_fraction=0`` the
+validation split is the paper's 80/20 one (``val_fraction=0.2``) exactly.
 """
 
 from __future__ import annotations
@@ -13,31 +20,40 @@ import numpy as np
 
 from raypipe import schema
 
-TRAIN, VAL = "train", "val"
+TRAIN, VAL, TEST = "train", "val", "test"
+SPLITS = (TRAIN, VAL, TEST)
 
 
 @dataclass(frozen=True)
 class SplitRule:
-    """Which split a row is in: a hash of its key and ``salt`` below ``val_fraction`` is validation."""
+    """Which split a row is in, from a hash of its key and ``salt`` (see the module docstring)."""
 
-    val_fraction: float = 0.2
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
     salt: str = "raypipe"
 
+    def __post_init__(self):
+        if self.val_fraction < 0 or self.test_fraction < 0 or self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"need val_fraction, test_fraction >= 0 with a sum below 1, got {self}")
 
-def validation_mask(keys: np.ndarray, val_fraction: float, salt: str = "raypipe") -> np.ndarray:
-    """True where a key belongs to the validation split."""
+
+def key_draws(keys: np.ndarray, salt: str) -> np.ndarray:
+    """A uniform number in [0, 1) per key: blake2b's 8 bytes (Python's hash() is salted per process)."""
     prefix = salt.encode() + b"\x00"
-    # blake2b's 8 bytes as a uniform number in [0, 1); Python's hash() is salted per process.
-    draws = np.fromiter(
+    return np.fromiter(
         (int.from_bytes(hashlib.blake2b(prefix + str(k).encode(), digest_size=8).digest(), "big") / 2**64 for k in keys),
         dtype=np.float64,
         count=len(keys),
     )
-    return draws < val_fraction
 
 
-def assign_split(keys: np.ndarray, val_fraction: float, salt: str = "raypipe") -> np.ndarray:
-    return np.where(validation_mask(keys, val_fraction, salt), VAL, TRAIN).astype(object)
+def assign_split(keys: np.ndarray, rule: SplitRule) -> np.ndarray:
+    """The split name of each key: "train", "val" or "test"."""
+    draws = key_draws(keys, rule.salt)
+    out = np.full(len(keys), TRAIN, dtype=object)
+    out[draws < rule.test_fraction + rule.val_fraction] = VAL
+    out[draws < rule.test_fraction] = TEST
+    return out
 
 
 def rows_of_split(

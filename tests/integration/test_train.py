@@ -44,7 +44,7 @@ def test_two_workers_checkpoint_to_s3_resume_and_evaluate(prepared, bucket, tmp_
             "run.progress_interval_s=0.2"]
     first = run_train(load_config(TrainConfig, None, [*base, "optim.epochs=2"]))
     assert first["epochs_run"] == 2 and len(first["history"]) == 2
-    assert all(h["train_rows"] > 300 and h["val_rows"] > 50 for h in first["history"])  # both workers' rows summed
+    assert all(h["train_rows"] > 300 and h["val_rows"] > 25 for h in first["history"])  # both workers' rows summed
     assert first["history"][1]["train_loss"] < first["history"][0]["train_loss"]
     checkpoints = [p for p in _list(f"{storage}/t2") if p.endswith("progress.json")]
     assert len(checkpoints) == 2  # one per epoch, num_to_keep=2
@@ -73,13 +73,26 @@ def test_two_workers_checkpoint_to_s3_resume_and_evaluate(prepared, bucket, tmp_
     assert bundle.metrics["best_epoch"] == second["best_epoch"]
     assert all(isinstance(v, torch.Tensor) for v in bundle.state_dict.values())
 
+    # The bundle keeps the temperature fitted on the best epoch's validation pass (all workers' rows).
+    assert bundle.temperature == second["best"]["temperature"] and bundle.temperature != 1.0
+
+    validation = run_evaluate(load_config(EvaluateConfig, None, [
+        f"bundle={second['bundle']}", f"prepared={prepared}", "which_split=val", f"output={tmp_path / 'val'}"]))
+    # The evaluate job sees the validation split exactly as training's last validation pass did, and
+    # measures the same calibration error before and after scaling.
+    assert validation["rows"] == second["best"]["val_rows"]
+    assert validation["accuracy"] == pytest.approx(second["best"]["val_accuracy"])
+    assert validation["calibration"]["ece_uncalibrated"] == pytest.approx(second["best"]["val_ece"], abs=1e-3)
+    assert validation["calibration"]["ece"] == pytest.approx(second["best"]["val_ece_calibrated"], abs=1e-3)
+
     result = run_evaluate(load_config(EvaluateConfig, None, [f"bundle={second['bundle']}", f"prepared={prepared}"]))
-    # The evaluate job sees the validation split exactly as training's last validation pass did.
-    assert result["rows"] == second["best"]["val_rows"]
-    assert result["accuracy"] == pytest.approx(second["best"]["val_accuracy"])
+    stats = json.loads((Path(prepared) / "stats.json").read_text())
+    assert result["split"] == "test" and result["rows"] == stats["ok_by_split"]["test"]  # the held-out rows
+    assert result["calibration"]["temperature"] == bundle.temperature
     out = resolve(result["output"], StorageConfig())
     assert json.loads(out.fs.open_input_stream(f"{out.path}/metrics.json").read())["rows"] == result["rows"]
-    assert out.fs.open_input_stream(f"{out.path}/confusion_matrix.png").read()[:4] == b"\x89PNG"
+    for picture in ("confusion_matrix.png", "calibration.png"):
+        assert out.fs.open_input_stream(f"{out.path}/{picture}").read()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("cache_mib, cached", [(2048, True), (1, False), (0, False)])

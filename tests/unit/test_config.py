@@ -1,11 +1,15 @@
+from pathlib import Path
+
 import pytest
 
-from raypipe.config import ConfigError, PrepareConfig, load_config, parse_override
+from raypipe.config import AblationConfig, ConfigError, PrepareConfig, load_config, parse_override
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_validate_and_every_field_has_a_description():
     cfg = load_config(PrepareConfig)
-    assert cfg.image.size == 64 and cfg.split.val_fraction == 0.2
+    assert cfg.image.size == 64 and (cfg.split.val_fraction, cfg.split.test_fraction) == (0.1, 0.1)
 
     def walk(model):
         for name, field in model.model_fields.items():
@@ -65,3 +69,25 @@ def test_malformed_override_and_file(tmp_path):
 def test_coyo_labels_need_a_class_list():
     with pytest.raises(ConfigError, match="labels.classes is required"):
         load_config(PrepareConfig, None, ["labels.source=coyo_labeled"])
+
+
+# Every shipped YAML and the job it is for: each must validate, so an example cannot drift from the models.
+SHIPPED_CONFIGS = {"ingest.yaml": "IngestConfig", "prepare.yaml": "PrepareConfig", "train.yaml": "TrainConfig",
+                   "label.yaml": "LabelJobConfig", "paper.yaml": "AblationConfig"}
+
+
+def test_every_shipped_config_validates_against_its_job():
+    import raypipe.config as config_module
+
+    shipped = {p.name for p in (REPO / "jobs" / "configs").glob("*.yaml")}
+    assert shipped == set(SHIPPED_CONFIGS), "a YAML under jobs/configs/ is not listed here (or one is gone)"
+    for name, model in SHIPPED_CONFIGS.items():
+        load_config(getattr(config_module, model), str(REPO / "jobs" / "configs" / name), [])
+
+
+def test_the_paper_preset_is_the_papers_model_schedule_and_split():
+    cfg = load_config(AblationConfig, str(REPO / "jobs" / "configs" / "paper.yaml"), [])
+    assert (cfg.model.image_pool, cfg.model.fusion_head, cfg.model.aux_heads, cfg.model.modality_dropout) == (
+        "flatten", "mlp", False, 0.0)
+    assert (cfg.optim.lr, cfg.optim.batch_size, cfg.optim.epochs, cfg.optim.augment) == (0.001, 32, 100, False)
+    assert (cfg.split.val_fraction, cfg.split.test_fraction, cfg.evaluate_split) == (0.2, 0.0, "val")

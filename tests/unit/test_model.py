@@ -194,6 +194,34 @@ def test_aux_heads_train_each_branch_and_leave_predictions_to_the_fused_head():
 @pytest.mark.parametrize("mode", ["image", "text"])
 def test_single_branch_models_have_no_aux_heads(mode):
     model = FusionClassifier(ModelConfig(num_classes=N, vocab_size=VOCAB, mode=mode, aux_heads=True, **SMALL))
-    assert model.aux is None
+    assert model.branch_heads is None
     images, tokens = make_batch(size=32)
     assert model(images, tokens, with_aux=True)[1] == []
+
+
+def test_average_pooled_image_features_are_one_per_channel_and_counted_in_the_flops():
+    flat = ModelConfig(num_classes=N, vocab_size=VOCAB, mode="image", **SMALL)
+    pooled = ModelConfig(num_classes=N, vocab_size=VOCAB, mode="image", image_pool="avg", **SMALL)
+    images, _ = make_batch(size=32)
+    assert FusionClassifier(pooled).image(images).shape == (B, SMALL["conv_channels"][-1])
+    assert FusionClassifier(flat).image.out_dim == SMALL["conv_channels"][-1] * (32 >> len(SMALL["conv_channels"])) ** 2
+    assert flops_per_sample(pooled, 12) < flops_per_sample(flat, 12)
+
+
+def test_late_fusion_predicts_the_sum_of_the_branch_logits_and_trains_both_branches():
+    config = ModelConfig(num_classes=N, vocab_size=VOCAB, fusion_head="sum", aux_heads=True, modality_dropout=0.5,
+                         **SMALL)
+    model = FusionClassifier(config).train()
+    assert model.head is None
+    images, tokens = make_batch(size=32)
+    logits, branch_logits = model(images, tokens, with_aux=True)
+    loss = sum(torch.nn.functional.cross_entropy(x, torch.arange(B) % N) for x in [logits, *branch_logits])
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    model.eval()
+    image_logits, text_logits = (head(f) for head, f in zip(model.branch_heads, model._features(images, tokens)[0]))
+    torch.testing.assert_close(model(images, tokens), image_logits + text_logits)
+    # Without aux heads, the branch classifiers are there (they make the prediction) but have no loss of their own.
+    plain = FusionClassifier(ModelConfig(num_classes=N, vocab_size=VOCAB, fusion_head="sum", **SMALL)).train()
+    assert plain(images, tokens, with_aux=True)[1] == [] and len(plain.branch_heads) == 2

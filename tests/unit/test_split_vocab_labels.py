@@ -1,24 +1,50 @@
 import numpy as np
+import pytest
 
 from raypipe import schema
 from raypipe.schema import Status
 from raypipe.transforms.labels import LabelRule, assign_labels
-from raypipe.transforms.split import assign_split, validation_mask
+from raypipe.config import SplitConfig
+from raypipe.transforms.split import SplitRule, assign_split
 from raypipe.transforms.vocab import PAD_ID, UNK_ID, Vocabulary, count_tokens
 
 
-def test_split_is_stable_and_close_to_the_fraction():
+def test_split_is_stable_and_close_to_the_fractions():
     keys = np.array([f"{i:09d}" for i in range(20_000)], dtype=object)
-    first = validation_mask(keys, 0.2)
-    assert abs(first.mean() - 0.2) < 0.01
+    first = assign_split(keys, SplitRule())  # 80/10/10
+    for name, share in (("train", 0.8), ("val", 0.1), ("test", 0.1)):
+        assert abs((first == name).mean() - share) < 0.01
     # Same key -> same split, whatever batch it arrives in or in what order.
     shuffled = np.random.default_rng(0).permutation(len(keys))
-    assert (validation_mask(keys[shuffled], 0.2) == first[shuffled]).all()
-    assert (validation_mask(keys[:7], 0.2) == first[:7]).all()
+    assert (assign_split(keys[shuffled], SplitRule()) == first[shuffled]).all()
+    assert (assign_split(keys[:7], SplitRule()) == first[:7]).all()
     # A different salt draws a different split.
-    assert (validation_mask(keys, 0.2, salt="other") != first).mean() > 0.2
-    assert set(assign_split(keys[:100], 0.2)) == {"train", "val"}
-    assert not validation_mask(keys, 0.0).any()
+    assert (assign_split(keys, SplitRule(salt="other")) != first).mean() > 0.2
+    assert not (assign_split(keys, SplitRule(0.0, 0.0)) != "train").any()
+
+
+def test_the_test_split_does_not_move_with_the_validation_share_and_the_paper_split_is_kept():
+    keys = np.array([f"k{i}" for i in range(5_000)], dtype=object)
+    default = assign_split(keys, SplitRule(0.1, 0.1))
+    wider_val = assign_split(keys, SplitRule(0.2, 0.1))
+    assert ((default == "test") == (wider_val == "test")).all()
+    assert (wider_val[default == "val"] == "val").all()  # validation only grows
+    # The paper's 80/20 (no test) holds exactly the rows the default puts in validation or test.
+    paper = assign_split(keys, SplitRule(0.2, 0.0))
+    assert set(paper) == {"train", "val"}
+    assert ((paper == "val") == (default != "train")).all()
+
+
+@pytest.mark.parametrize("val, test", [(0.5, 0.5), (0.9, 0.2), (-0.1, 0.1)])
+def test_fractions_that_leave_no_training_rows_are_refused(val, test):
+    with pytest.raises(ValueError, match="val_fraction, test_fraction >= 0 with a sum below 1"):
+        SplitRule(val, test)
+
+
+def test_the_split_config_refuses_fractions_that_sum_to_one_naming_both():
+    with pytest.raises(ValueError, match=r"split.val_fraction \+ split.test_fraction must be below 1"):
+        SplitConfig(val_fraction=0.5, test_fraction=0.5)
+    assert SplitConfig(val_fraction=0.2, test_fraction=0.0).rule() == SplitRule(0.2, 0.0, "raypipe")
 
 
 def test_vocab_frequency_order_cutoffs_and_json_round_trip():
