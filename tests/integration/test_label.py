@@ -110,7 +110,8 @@ def read_output(url: str) -> pa.Table:
 
 
 def plain_loop(bundle_url: str, table: pa.Table) -> dict[str, tuple[int, float] | None]:
-    """The same bundle applied one row at a time in this process, with the transforms called directly."""
+    """The same bundle applied one row at a time in this process, with the transforms called directly;
+    probabilities at the bundle's temperature (fitted on validation when it was trained)."""
     bundle = load_bundle(bundle_url, StorageConfig())
     model = bundle.build_model("cpu")
     normalizer = TextNormalizer(bundle.text)
@@ -127,7 +128,8 @@ def plain_loop(bundle_url: str, table: pa.Table) -> dict[str, tuple[int, float] 
             continue
         ids, _ = encode_tokens([tokens], bundle.vocab.token_to_id, bundle.text.max_len)
         with torch.inference_mode():
-            probs = torch.softmax(model(torch.from_numpy(image[None]), torch.from_numpy(ids).long()), dim=1)[0]
+            logits = model(torch.from_numpy(image[None]), torch.from_numpy(ids).long())
+            probs = torch.softmax(logits / bundle.temperature, dim=1)[0]
         out[str(row["id"])] = (int(probs.argmax()), float(probs.max()))
     return out
 
