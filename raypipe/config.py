@@ -428,25 +428,29 @@ class ModelSection(Section):
     lstm_hidden: int = Field(128, ge=1, description="LSTM hidden size (per direction).")
     lstm_layers: int = Field(1, ge=1, le=4, description="Stacked LSTM layers.")
     bidirectional: bool = Field(False, description="Bidirectional LSTM.")
-    fc_dims: list[int] = Field([256], description="Hidden sizes of the fully connected layers after concatenation.")
+    fc_dims: list[int] = Field(
+        [256],
+        description="Hidden sizes of the fully connected layers of the mlp head (fusion_head=mlp, and the image-only "
+        "and text-only models).",
+    )
     dropout: float = Field(0.5, ge=0.0, lt=1.0, description="Dropout before each fully connected layer.")
     modality_dropout: float = Field(
-        0.0,
+        0.5,
         ge=0.0,
         lt=1.0,
         description="fusion, training only: this share of the samples loses the image or the text features "
-        "(zeroed, a coin flip which), so neither branch leans on the other (a departure; the paper has none).",
+        "(zeroed, a coin flip which), so neither branch leans on the other (raypipe's recipe; the paper: 0).",
     )
     aux_heads: bool = Field(
-        False,
+        True,
         description="fusion: also a linear classifier on each branch's features, trained with its own loss "
         "(weight optim.aux_loss_weight) so each branch keeps learning after the other has fitted the training "
-        "set; predictions still come from the fused head (a departure; the paper has none).",
+        "set (raypipe's recipe; the paper has none: false).",
     )
     fusion_head: Literal["mlp", "sum"] = Field(
-        "mlp",
-        description="fusion: mlp (the paper: fully connected layers on the concatenated features) or sum (late "
-        "fusion: a linear classifier per branch, the prediction is the sum of their logits).",
+        "sum",
+        description="fusion: sum (raypipe's recipe, late fusion: a linear classifier per branch, the prediction is "
+        "the sum of their logits) or mlp (the paper: fully connected layers, fc_dims, on the concatenated features).",
     )
 
 
@@ -456,7 +460,8 @@ class OptimSection(Section):
     epochs: int = Field(10, ge=1, description="Maximum epochs (the paper: 100; 10 keeps the built-in demo to minutes).")
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay (L2).")
     early_stopping_patience: int | None = Field(
-        None, ge=1, description="Stop after this many epochs without a better validation accuracy (default: never)."
+        10, ge=1, description="Stop after this many epochs without a better validation accuracy (null: never; the "
+        "weights of the best validation epoch are kept either way)."
     )
     class_weighting: Literal["none", "balanced"] = Field(
         "none", description="balanced: weight the loss by inverse class frequency of the training split."
@@ -467,9 +472,9 @@ class OptimSection(Section):
         0.5, ge=0, description="Weight of each branch's own loss when model.aux_heads is on (fusion)."
     )
     augment: bool = Field(
-        False,
+        True,
         description="Random horizontal flips and shifts of up to 1/16 of the image side (edges repeated) of the "
-        "training images, drawn anew every epoch (a departure; the paper has none).",
+        "training images, drawn anew every epoch (raypipe's recipe; the paper has none: false).",
     )
 
 
