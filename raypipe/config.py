@@ -525,7 +525,12 @@ class RunSection(Section):
     storage_path: str = Field(
         "~/raypipe-runs", description="Where checkpoints and the model bundle go (local path or s3://...)."
     )
-    num_to_keep: int = Field(2, ge=1, description="Checkpoints kept per run (the newest).")
+    num_to_keep: int = Field(
+        2,
+        ge=1,
+        description="Checkpoints kept per run (the newest). Each holds the best weights so far, which the bundle "
+        "is made of, so older ones are never needed.",
+    )
     max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (restarts from the last checkpoint).")
     progress_interval_s: float = Field(
         30.0,
@@ -539,8 +544,36 @@ class RunSection(Section):
         "learning rate, samples/s; one point per epoch) to <storage_path>/<name>/tensorboard; watch them with "
         "`tensorboard --logdir <storage_path>/<name>/tensorboard`.",
     )
+    checkpoint_every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Also checkpoint every this many optimizer steps (counted over the whole run), not only at "
+        "the end of each epoch. A run restarted from such a checkpoint (the same command again, or Ray Train "
+        "after a worker failure) goes on with the interrupted epoch: every worker reads its shard again and "
+        "trains only the rows after the ones the checkpoint counts, so the epoch trains as many rows as an "
+        "uninterrupted one. They are the same rows when Ray Data streams the shard in the same order, which "
+        "it does not promise; otherwise some rows of that epoch are trained twice and as many not at all. "
+        "Step checkpoints count towards num_to_keep. Default: epoch ends only.",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="Also log the run to MLflow at this tracking URI (http(s)://host:port, or sqlite:///path/mlflow.db "
+        "on one machine): the config as params, per-epoch metrics (the TensorBoard ones), the bundle as "
+        "artifacts; the MLflow run is named after `name`, in the experiment MLFLOW_EXPERIMENT_NAME (else "
+        "MLflow's default), and a resumed run logs to the same MLflow run. Needs `pip install "
+        "'raypipe[mlflow]'`. Default: no MLflow.",
+    )
 
     _name_is_a_folder = field_validator("name", mode="before")(_folder_name)
+
+    @field_validator("mlflow_tracking_uri", mode="before")
+    @classmethod
+    def _no_mlflow_credentials(cls, value: Any) -> Any:
+        # Before the check every field gets, to say where MLflow takes them from instead.
+        if isinstance(value, str) and _URL_USERINFO.search(value):
+            raise ValueError("the tracking URI must not hold a user name or password: MLflow reads them from "
+                             "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN")
+        return value
 
 
 class TrainConfig(DataSections):

@@ -1,5 +1,6 @@
-"""A TCP proxy in front of a real server that can drop every connection for a while: an object store
-that is unreachable for a few seconds, for the storage-fault tests."""
+"""A TCP proxy in front of a real server that can drop every connection for a while (an object store
+that is unreachable for a few seconds) or refuse one request (a write the store does not allow), for
+the storage-fault tests."""
 
 from __future__ import annotations
 
@@ -22,10 +23,29 @@ def _close(sock: socket.socket, reset: bool = False) -> None:
     sock.close()
 
 
+_DENIED_XML = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>'
+ACCESS_DENIED = (b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                 % len(_DENIED_XML)) + _DENIED_XML
+
+
+def _deny(client: socket.socket, request: bytes) -> None:
+    """Answers ``request`` (its first bytes, read from ``client``) with S3's AccessDenied, after reading the
+    rest of its body (unless the client waits for a 100 Continue to send it), so that the client reads the
+    answer rather than a reset connection, which it would retry."""
+    head, _, body = request.partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    if length and not re.search(rb"(?im)^expect:\s*100-continue", head):
+        left = int(length.group(1)) - len(body)
+        while left > 0 and (chunk := client.recv(min(left, 65536))):
+            left -= len(chunk)
+    client.sendall(ACCESS_DENIED)
+
+
 class FlakyProxy:
     """Forwards 127.0.0.1:<port> to 127.0.0.1:<target_port>. During an outage it resets every open
     connection and every new one (counted in ``dropped``). An outage starts with ``outage(seconds)``,
-    or when a given request passes (``outage_on``): a fault in the middle of a job."""
+    or when a given request passes (``outage_on``): a fault in the middle of a job. ``refuse_on``
+    answers one given request with AccessDenied (counted in ``refused``), which clients do not retry."""
 
     def __init__(self, target_port: int):
         self.target_port = target_port
@@ -34,6 +54,8 @@ class FlakyProxy:
         self.url = f"http://127.0.0.1:{self.port}"
         self.dropped = 0
         self.outages = 0
+        self.refused = 0
+        self._refusal: re.Pattern | None = None
         self._down_until = 0.0
         self._trigger: tuple[re.Pattern, float] | None = None
         self._open: set[socket.socket] = set()
@@ -55,6 +77,19 @@ class FlakyProxy:
         """The first request matching the regular expression ``request`` starts an outage of ``seconds``
         (and is dropped)."""
         self._trigger = (re.compile(request, re.MULTILINE), seconds)
+
+    def refuse_on(self, request: bytes) -> None:
+        """The first request matching the regular expression ``request`` is answered with AccessDenied
+        instead of being forwarded."""
+        self._refusal = re.compile(request, re.MULTILINE)
+
+    def _take_refusal(self, data: bytes) -> bool:
+        with self._lock:
+            if self._refusal is None or not self._refusal.search(data):
+                return False
+            self._refusal = None
+            self.refused += 1
+        return True
 
     def down(self) -> bool:
         return time.monotonic() < self._down_until
@@ -95,6 +130,9 @@ class FlakyProxy:
         try:
             while data := source.recv(65536):
                 if requests and self._take_trigger(data):
+                    return
+                if requests and self._take_refusal(data):
+                    _deny(source, data)
                     return
                 sink.sendall(data)
         except OSError:

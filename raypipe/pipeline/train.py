@@ -1,5 +1,5 @@
-"""`train`: the fusion model on Ray Train (TorchTrainer, DDP), with per-epoch checkpoints, resume
-and a model bundle from the best epoch.
+"""`train`: the fusion model on Ray Train (TorchTrainer, DDP), with checkpoints at epoch ends (and every
+``run.checkpoint_every_steps`` steps), resume, and a model bundle from the best epoch.
 
 Data comes from a `prepare` output (decoded once) or is streamed from raw shards through the
 prepare stage. Each worker reads its shard with ``get_dataset_shard(...).iter_torch_batches``;
@@ -14,7 +14,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from raypipe.metrics import summary
 from raypipe.model import FusionClassifier, ModelConfig
 from raypipe.pipeline.capacity import cluster_capacity, plan_worker_resources, wait_for_resources
 from raypipe.pipeline.cluster import start_cluster, wait_for_free_cpus
+from raypipe.pipeline.mlflow_log import MlflowRun, end_run, log_bundle, log_epoch, open_run, require_mlflow
 from raypipe.pipeline.prepare import (
     PreparedOutput, build_vocab_and_classes, input_paths, plan_prepare, prepared_dataset,
 )
@@ -45,6 +46,10 @@ BUNDLE_DIR = "bundle"
 TENSORBOARD_DIR = "tensorboard"
 # Checkpoint files: the current state (to resume) and the best weights so far (for the bundle).
 CKPT_MODEL, CKPT_OPTIMIZER, CKPT_BEST, CKPT_PROGRESS = "model.pt", "optimizer.pt", "best_model.pt", "progress.json"
+CKPT_SCALER, CKPT_RNG = "scaler.pt", "rng.pt"
+# CheckpointPayload's tensors: attribute -> file.
+CKPT_TENSORS = {"model": CKPT_MODEL, "optimizer": CKPT_OPTIMIZER, "scaler": CKPT_SCALER, "best": CKPT_BEST,
+                "rng": CKPT_RNG}
 
 
 class TrainError(UserError, RuntimeError):
@@ -198,14 +203,82 @@ def _batches(shard, batch_size: int, device, shuffle_buffer: int = 0, generator:
     return shuffled_batches(batches, batch_size, shuffle_buffer, generator) if shuffle else batches
 
 
-def _save_checkpoint(directory: str, model, optimizer, best_state: dict, progress: dict) -> None:
-    torch.save(model.state_dict(), os.path.join(directory, CKPT_MODEL))
-    torch.save(optimizer.state_dict(), os.path.join(directory, CKPT_OPTIMIZER))
-    torch.save(best_state, os.path.join(directory, CKPT_BEST))
-    Path(directory, CKPT_PROGRESS).write_text(json.dumps(progress))
+def skip_rows(batches, rows: int):
+    """``batches`` (dicts of equally long tensors) without their first ``rows`` rows."""
+    for batch in batches:
+        if rows > 0:
+            size = len(next(iter(batch.values())))
+            if size <= rows:
+                rows -= size
+                continue
+            batch = {k: v[rows:] for k, v in batch.items()}
+            rows = 0
+        yield batch
 
 
-def _gather(value: str, world: int) -> list[str]:
+def rows_to_skip(rows_done: int, world: int) -> int:
+    """Rows each worker leaves out when it goes on with an epoch of which all workers together trained
+    ``rows_done`` (the shards are split evenly, and every worker takes as many steps)."""
+    return rows_done // world
+
+
+def step_checkpoint_due(steps: int, every: int | None) -> bool:
+    """After the run's ``steps``-th optimizer step, with run.checkpoint_every_steps = ``every``."""
+    return every is not None and steps % every == 0
+
+
+def checkpoint_name(epoch: int, steps: int, epoch_end: bool) -> str:
+    """``checkpoint_epoch0002_step00000040``: taken inside epoch 2 after the run's 40th step, ``..._end``
+    at the end of the epoch; sorting the names sorts the checkpoints by the time they were taken."""
+    return f"checkpoint_epoch{epoch:04d}_step{steps:08d}" + ("_end" if epoch_end else "")
+
+
+@dataclass(frozen=True)
+class EpochSoFar:
+    """The training done in an epoch so far, over all workers: what a step checkpoint records so that a
+    restart goes on with the epoch instead of starting it again."""
+
+    epoch: int  # from 0
+    steps: int
+    rows: int
+    loss_sum: float  # loss x rows
+    seconds: float  # training time, of the slowest worker
+
+    @classmethod
+    def resumed(cls, saved: dict | None, epoch: int) -> EpochSoFar:
+        """What a checkpoint taken inside ``epoch`` recorded (``saved``), else nothing done yet."""
+        return cls(**saved) if saved and saved["epoch"] == epoch else cls(epoch, 0, 0, 0.0, 0.0)
+
+
+@dataclass
+class CheckpointPayload:
+    """What a checkpoint holds: everything a worker needs to go on from the step it was taken at."""
+
+    model: dict  # the module's state_dict
+    optimizer: dict
+    scaler: dict  # GradScaler's (empty when fp16 loss scaling is off)
+    best: dict | None  # the weights of the best epoch so far (None before the first epoch ends)
+    progress: dict  # epochs done, history, best epoch, steps; inside an epoch "in_epoch" (an EpochSoFar)
+    rng: list[dict]  # per rank: torch's random generator(s) and the augmenter's
+
+    def save(self, directory: str) -> None:
+        for attribute, name in CKPT_TENSORS.items():
+            torch.save(getattr(self, attribute), os.path.join(directory, name))
+        Path(directory, CKPT_PROGRESS).write_text(json.dumps(self.progress))
+
+    @classmethod
+    def load(cls, directory: str) -> CheckpointPayload:
+        def load(attribute: str):
+            return torch.load(os.path.join(directory, CKPT_TENSORS[attribute]), weights_only=True)
+
+        # A run checkpointed by a raypipe that saved neither the scaler nor the generators goes on without.
+        optional = {a: load(a) for a in ("scaler", "rng") if os.path.exists(os.path.join(directory, CKPT_TENSORS[a]))}
+        return cls(model=load("model"), optimizer=load("optimizer"), scaler=optional.get("scaler", {}),
+                   best=load("best"), progress=json.loads(Path(directory, CKPT_PROGRESS).read_text()),
+                   rng=optional.get("rng", []))
+
+
+def _gather(value, world: int) -> list:
     """``value`` of every worker, in rank order (the process group is up once the model is prepared)."""
     if world == 1:
         return [value]
@@ -226,6 +299,8 @@ class LoopConfig:
     train_rows: int | None  # rows of the training split when known before the first epoch (prepare's stats)
     progress_interval_s: float  # run.progress_interval_s
     tensorboard: rfs.Location | None  # where rank 0 puts its event files (run.tensorboard)
+    checkpoint_every_steps: int | None  # run.checkpoint_every_steps
+    mlflow: MlflowRun | None  # the MLflow run rank 0 logs each epoch to (run.mlflow_tracking_uri)
 
 
 @dataclass
@@ -242,6 +317,10 @@ class WorkerState:
     progress: dict
     best_state: dict | None
     augmenter: torch.Generator | None  # optim.augment: the random flips and shifts, one stream per worker
+    scaler: torch.amp.GradScaler = field(init=False)  # fp16 loss scaling (off unless AMP runs in fp16)
+
+    def __post_init__(self):
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
 
     @property
     def use_amp(self) -> bool:
@@ -265,9 +344,40 @@ def _set_threads(loop: LoopConfig, device: torch.device, local_world: int) -> No
         torch.set_num_threads(loop.torch_threads or max(1, cores // local_world))
 
 
+def new_progress() -> dict:
+    """The progress of a run that has not trained yet (the keys a checkpoint's progress.json holds)."""
+    return {"epoch": 0, "steps": 0, "history": [], "best_epoch": None, "best_val_accuracy": -1.0, "stale_epochs": 0,
+            "resumed_mid_epoch": []}
+
+
+def _rng_state(state: WorkerState) -> dict:
+    return {
+        "torch": torch.get_rng_state(),  # dropout
+        "cuda": torch.cuda.get_rng_state(state.device) if state.device.type == "cuda" else None,
+        "augmenter": state.augmenter.get_state() if state.augmenter is not None else None,
+    }
+
+
+def _set_rng_state(state: WorkerState, saved: dict) -> None:
+    torch.set_rng_state(saved["torch"])
+    if saved["cuda"] is not None and state.device.type == "cuda":
+        torch.cuda.set_rng_state(saved["cuda"], state.device)
+    if saved["augmenter"] is not None and state.augmenter is not None:
+        state.augmenter.set_state(saved["augmenter"])
+
+
+def resume_message(progress: dict) -> str:
+    in_epoch = progress.get("in_epoch")
+    if in_epoch is None:
+        return f"resuming from the checkpoint after epoch {progress['epoch']}"
+    return (f"resuming from the checkpoint at step {in_epoch['steps']} of epoch {in_epoch['epoch'] + 1} "
+            f"({in_epoch['rows']:,} rows trained); the epoch goes on with the rows after those")
+
+
 def build_worker(loop: LoopConfig) -> WorkerState:
-    """Model and optimizer, restored from the run's last checkpoint when there is one, the model wrapped
-    for DDP (NCCL on GPU, gloo on CPU)."""
+    """Model, optimizer and loss scaler, restored from the run's last checkpoint when there is one (with
+    the random generators, when the number of workers is the same), the model wrapped for DDP (NCCL on
+    GPU, gloo on CPU)."""
     import ray.train
     import ray.train.torch
 
@@ -277,27 +387,35 @@ def build_worker(loop: LoopConfig) -> WorkerState:
     device = ray.train.torch.get_device()
     _set_threads(loop, device, context.get_local_world_size())
     raw_model = FusionClassifier(loop.model)
-    progress = {"epoch": 0, "history": [], "best_epoch": None, "best_val_accuracy": -1.0, "stale_epochs": 0}
-    optimizer_state = best_state = None
+    progress, saved = new_progress(), None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            raw_model.load_state_dict(torch.load(os.path.join(directory, CKPT_MODEL), weights_only=True))
-            optimizer_state = torch.load(os.path.join(directory, CKPT_OPTIMIZER), weights_only=True)
-            best_state = torch.load(os.path.join(directory, CKPT_BEST), weights_only=True)
-            progress = json.loads(Path(directory, CKPT_PROGRESS).read_text())
+            saved = CheckpointPayload.load(directory)
+        raw_model.load_state_dict(saved.model)
+        progress = {**progress, **saved.progress}
         if rank == 0:
-            say(f"resuming from the checkpoint after epoch {progress['epoch']}")
+            say(resume_message(progress))
+        if progress.get("in_epoch"):
+            in_epoch = progress["in_epoch"]
+            progress["resumed_mid_epoch"].append({"epoch": in_epoch["epoch"] + 1, "steps": in_epoch["steps"],
+                                                  "rows": in_epoch["rows"]})
     model = ray.train.torch.prepare_model(raw_model)
     optimizer = torch.optim.Adam(model.parameters(), lr=loop.optim.lr, weight_decay=loop.optim.weight_decay)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
     # Where this attempt's workers run, and how many attempts the run took (a restart after a failure
     # resumes from the checkpoint): recorded in the bundle's metrics.
     progress["worker_nodes"] = _gather(ray.get_runtime_context().get_node_id(), world)
     progress["attempts"] = progress.get("attempts", 0) + 1
     augmenter = torch.Generator().manual_seed(loop.optim.seed * 1000 + rank) if loop.optim.augment else None
-    return WorkerState(loop, rank, world, device, raw_model, model, optimizer, progress, best_state, augmenter)
+    state = WorkerState(loop, rank, world, device, raw_model, model, optimizer, progress,
+                        saved.best if saved else None, augmenter)
+    if saved is not None:
+        optimizer.load_state_dict(saved.optimizer)
+        if saved.scaler:  # empty when it was saved by a scaler that was off
+            state.scaler.load_state_dict(saved.scaler)
+        if len(saved.rng) == world:
+            _set_rng_state(state, saved.rng[rank])
+    return state
 
 
 def _duration(seconds: float) -> str:
@@ -363,30 +481,54 @@ def train_step(model, optimizer, scaler, loss_fn, images, tokens, labels, aux_lo
     return loss.detach()
 
 
-def train_epoch(state: WorkerState, shard, epoch: int, loss_fn, scaler) -> torch.Tensor:
-    """One pass over this worker's training shard; returns [loss x rows, rows] of this worker."""
+def train_epoch(state: WorkerState, shard, before: EpochSoFar, loss_fn) -> EpochSoFar:
+    """One pass over this worker's training shard for the epoch of ``before``, past the rows ``before``
+    counts (those an interrupted attempt trained; none in a new epoch), with a step checkpoint every
+    run.checkpoint_every_steps steps; returns the epoch's training over all workers. Every worker calls
+    it (the checkpoints and the sums are collectives)."""
     optim = state.loop.optim
+    epoch = before.epoch
     state.model.train()
-    sums = torch.zeros(2, dtype=torch.float64, device=state.device)
+    sums = torch.zeros(2, dtype=torch.float64, device=state.device)  # [loss x rows, rows]: this worker, this attempt
     shuffler = torch.Generator().manual_seed(optim.seed * 1_000_003 + epoch * 1009 + state.rank)
     batch_size = max(1, optim.batch_size // state.world)
     history = state.progress["history"]
     expected_rows = history[-1]["train_rows"] if history else state.loop.train_rows
+    # Skipped after the shuffle, which is seeded per epoch: a shard streamed in the same order as in the
+    # interrupted attempt gives exactly the rows that attempt had not trained.
+    batches = skip_rows(_batches(shard, batch_size, state.device, optim.shuffle_buffer, shuffler),
+                        rows_to_skip(before.rows, state.world))
     started = last_line = time.perf_counter()
-    for batch in _batches(shard, batch_size, state.device, optim.shuffle_buffer, shuffler):
+    steps = 0
+    for batch in batches:
         labels = batch[schema.LABEL_ID]
         images = batch[schema.IMAGE]
         if state.augmenter is not None:
             images = augment_images(images, state.augmenter)
-        loss = train_step(state.model, state.optimizer, scaler, loss_fn, images, batch[schema.TOKENS], labels,
+        loss = train_step(state.model, state.optimizer, state.scaler, loss_fn, images, batch[schema.TOKENS], labels,
                           optim.aux_loss_weight, state.amp_dtype if state.use_amp else None)
         sums += torch.tensor([loss.item() * len(labels), len(labels)], dtype=torch.float64, device=state.device)
+        steps += 1
+        state.progress["steps"] += 1
         now = time.perf_counter()
+        if step_checkpoint_due(state.progress["steps"], state.loop.checkpoint_every_steps):
+            save_step_checkpoint(state, _epoch_so_far(state, before, sums, steps, now - started))
         if state.rank == 0 and now - last_line >= state.loop.progress_interval_s:
             last_line = now  # this worker's rows x workers: the shards are split evenly
-            rows, loss_so_far = int(sums[1]) * state.world, float(sums[0] / max(sums[1], 1))
-            say(progress_line(epoch + 1, optim.epochs, rows, expected_rows, loss_so_far, now - started))
-    return sums
+            rows = before.rows + int(sums[1]) * state.world
+            loss_so_far = (before.loss_sum + float(sums[0]) * state.world) / max(rows, 1)
+            say(progress_line(epoch + 1, optim.epochs, rows, expected_rows, loss_so_far, before.seconds + now - started))
+    return _epoch_so_far(state, before, sums, steps, time.perf_counter() - started)
+
+
+def _epoch_so_far(state: WorkerState, before: EpochSoFar, sums: torch.Tensor, steps: int, seconds: float) -> EpochSoFar:
+    """``before`` plus what every worker trained in this attempt (``sums`` and ``seconds`` of this one)."""
+    total = sums.clone()
+    slowest = torch.tensor([seconds], dtype=torch.float64, device=state.device)
+    _all_reduce(total)
+    _all_reduce(slowest, maximum=True)
+    return EpochSoFar(before.epoch, before.steps + steps, before.rows + int(total[1]),
+                      before.loss_sum + float(total[0]), before.seconds + float(slowest[0]))
 
 
 def validate(state: WorkerState, shard) -> tuple[torch.Tensor, ...]:
@@ -411,19 +553,19 @@ def validate(state: WorkerState, shard) -> tuple[torch.Tensor, ...]:
     return sums, confusion, nll, bins
 
 
-def epoch_metrics(epoch: int, train_sums, val_sums, confusion, fitted: dict, train_seconds: float,
-                  started: float) -> dict:
-    """The epoch's metrics over all workers (the sums already reduced); ``fitted``: ``calibration.fit``'s."""
+def epoch_metrics(trained: EpochSoFar, val_sums, confusion, fitted: dict, epoch_seconds: float) -> dict:
+    """The epoch's metrics over all workers (the validation sums already reduced); ``fitted``:
+    ``calibration.fit``'s."""
     scores = summary(confusion.cpu().numpy())
     return {
-        "epoch": epoch + 1,
-        "train_loss": float(train_sums[0] / max(train_sums[1], 1)),
+        "epoch": trained.epoch + 1,
+        "train_loss": trained.loss_sum / max(trained.rows, 1),
         "val_loss": float(val_sums[0] / max(val_sums[1], 1)),
         "val_accuracy": scores["accuracy"],
         "val_macro_f1": scores["macro_f1"],
-        "train_samples_per_s": float(train_sums[1] / train_seconds),
-        "epoch_seconds": round(time.perf_counter() - started, 2),
-        "train_rows": int(train_sums[1]),
+        "train_samples_per_s": trained.rows / max(trained.seconds, 1e-9),
+        "epoch_seconds": round(epoch_seconds, 2),
+        "train_rows": trained.rows,
         "val_rows": int(val_sums[1]),
         "temperature": fitted["temperature"],  # of least validation NLL, for this epoch's weights
         "val_ece": fitted["ece"],
@@ -445,24 +587,44 @@ def record(state: WorkerState, metrics: dict) -> tuple[bool, bool]:
     return improved, patience is not None and progress["stale_epochs"] >= patience
 
 
-def report(state: WorkerState, metrics: dict, improved: bool, stop: bool, tensorboard: TensorBoardLog | None) -> None:
-    """The epoch line on the console, TensorBoard, and ``ray.train.report``: rank 0 with the checkpoint."""
+def _report_checkpoint(state: WorkerState, metrics: dict, progress: dict, name: str) -> None:
+    """``ray.train.report`` of ``metrics`` with the checkpoint ``name``. Every worker calls it: rank 0
+    writes the checkpoint, which holds every worker's random generators."""
     import ray.train
 
+    rng = _gather(_rng_state(state), state.world)
     if state.rank != 0:
-        ray.train.report(metrics)
+        ray.train.report(metrics, checkpoint_dir_name=name)
         return
-    if tensorboard is not None:
-        tensorboard.epoch(metrics, state.optimizer.param_groups[0]["lr"])
-    say(
-        f"epoch {metrics['epoch']}/{state.loop.optim.epochs}  train_loss {metrics['train_loss']:.4f}  "
-        f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_accuracy']:.4f}  "
-        f"macro_f1 {metrics['val_macro_f1']:.4f}  {metrics['train_samples_per_s']:.0f} samples/s  "
-        f"{metrics['epoch_seconds']:.1f} s" + ("  *" if improved else "") + ("  (early stop)" if stop else "")
-    )
     with tempfile.TemporaryDirectory() as directory:
-        _save_checkpoint(directory, state.raw_model, state.optimizer, state.best_state, state.progress)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        CheckpointPayload(state.raw_model.state_dict(), state.optimizer.state_dict(), state.scaler.state_dict(),
+                          state.best_state, progress, rng).save(directory)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
+
+
+def save_step_checkpoint(state: WorkerState, so_far: EpochSoFar) -> None:
+    """A checkpoint inside an epoch: the run's state now, and ``so_far`` to go on with the epoch."""
+    steps = state.progress["steps"]
+    _report_checkpoint(state, {"epoch": so_far.epoch + 1, "steps": steps, "epoch_rows": so_far.rows},
+                       {**state.progress, "in_epoch": asdict(so_far)}, checkpoint_name(so_far.epoch + 1, steps, False))
+
+
+def report(state: WorkerState, metrics: dict, improved: bool, stop: bool, tensorboard: TensorBoardLog | None) -> None:
+    """The epoch line on the console, TensorBoard and MLflow (rank 0), and the epoch's checkpoint."""
+    if state.rank == 0:
+        lr = state.optimizer.param_groups[0]["lr"]
+        if tensorboard is not None:
+            tensorboard.epoch(metrics, lr)
+        if state.loop.mlflow is not None:
+            log_epoch(state.loop.mlflow, {**{key: metrics[key] for key in TensorBoardLog.SCALARS.values()}, "lr": lr},
+                      metrics["epoch"])
+        say(
+            f"epoch {metrics['epoch']}/{state.loop.optim.epochs}  train_loss {metrics['train_loss']:.4f}  "
+            f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_accuracy']:.4f}  "
+            f"macro_f1 {metrics['val_macro_f1']:.4f}  {metrics['train_samples_per_s']:.0f} samples/s  "
+            f"{metrics['epoch_seconds']:.1f} s" + ("  *" if improved else "") + ("  (early stop)" if stop else "")
+        )
+    _report_checkpoint(state, metrics, state.progress, checkpoint_name(metrics["epoch"], state.progress["steps"], True))
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -472,7 +634,6 @@ def train_loop_per_worker(config: dict) -> None:
     state = build_worker(config["loop"])
     state.progress["precision"] = state.precision
     optim = state.loop.optim
-    scaler = torch.amp.GradScaler("cuda", enabled=state.use_amp and state.amp_dtype == torch.float16)
     weight = torch.tensor(state.loop.class_weights, device=state.device) if state.loop.class_weights else None
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
@@ -481,13 +642,12 @@ def train_loop_per_worker(config: dict) -> None:
     already_stopped = patience is not None and state.progress["stale_epochs"] >= patience
     for epoch in range(state.progress["epoch"], 0 if already_stopped else optim.epochs):
         started = time.perf_counter()
-        train_sums = train_epoch(state, train_shard, epoch, loss_fn, scaler)
-        train_seconds = torch.tensor([time.perf_counter() - started], device=state.device)
+        before = EpochSoFar.resumed(state.progress.pop("in_epoch", None), epoch)
+        trained = train_epoch(state, train_shard, before, loss_fn)
         val_sums, confusion, nll, bins = validate(state, val_shard)
-        _all_reduce(train_sums, val_sums, confusion, nll, bins)
-        _all_reduce(train_seconds, maximum=True)
-        fitted = calibration.fit(nll, bins)
-        metrics = epoch_metrics(epoch, train_sums, val_sums, confusion, fitted, float(train_seconds[0]), started)
+        _all_reduce(val_sums, confusion, nll, bins)
+        metrics = epoch_metrics(trained, val_sums, confusion, calibration.fit(nll, bins),
+                                before.seconds + time.perf_counter() - started)
         improved, stop = record(state, metrics)
         report(state, metrics, improved, stop, tensorboard)
         if stop:
@@ -524,6 +684,7 @@ def run_train(cfg: TrainConfig) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    require_mlflow(cfg)
     storage_path, storage_fs = _run_storage(cfg)  # a run that cannot write its checkpoints fails first
     data = load_training_data(cfg)  # checks inputs, then starts Ray
     capacity = cluster_capacity()
@@ -536,6 +697,8 @@ def run_train(cfg: TrainConfig) -> dict:
         num_classes=len(data.classes), vocab_size=len(data.vocab), image_size=data.image.size, **cfg.model.model_dump()
     )
     balanced = cfg.optim.class_weighting == "balanced"
+    run_dir = rfs.resolve_output(cfg.run.storage_path, cfg.storage).join(cfg.run.name)
+    mlflow_run = open_run(cfg, run_dir) if cfg.run.mlflow_tracking_uri else None
     loop = LoopConfig(
         model=model_config,
         optim=cfg.optim,
@@ -544,8 +707,9 @@ def run_train(cfg: TrainConfig) -> dict:
         class_weights=class_weights(data.classes, data.class_counts) if balanced else None,
         train_rows=data.train_rows,
         progress_interval_s=cfg.run.progress_interval_s,
-        tensorboard=rfs.resolve_output(cfg.run.storage_path, cfg.storage).join(cfg.run.name, TENSORBOARD_DIR)
-        if cfg.run.tensorboard else None,
+        tensorboard=run_dir.join(TENSORBOARD_DIR) if cfg.run.tensorboard else None,
+        checkpoint_every_steps=cfg.run.checkpoint_every_steps,
+        mlflow=mlflow_run,
     )
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -568,6 +732,16 @@ def run_train(cfg: TrainConfig) -> dict:
         "training %s on %d worker(s) x %s, %d classes, vocabulary %d",
         cfg.model.mode, cfg.scaling.num_workers, resources, len(data.classes), len(data.vocab),
     )
+    try:
+        return _fit_and_bundle(cfg, trainer, data, model_config, mlflow_run)
+    except BaseException:
+        if mlflow_run is not None:
+            end_run(mlflow_run, "FAILED")
+        raise
+
+
+def _fit_and_bundle(cfg: TrainConfig, trainer, data: TrainingData, model_config: ModelConfig,
+                    mlflow_run: MlflowRun | None) -> dict:
     result = trainer.fit()
     if result.error is not None:
         raise result.error
@@ -584,15 +758,18 @@ def run_train(cfg: TrainConfig) -> dict:
         "attempts": progress["attempts"],
         "worker_nodes": progress["worker_nodes"],
         "history": progress["history"],
+        "resumed_mid_epoch": progress.get("resumed_mid_epoch", []),
         "config": dump_config(cfg),
     }
     bundle_url = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}/{BUNDLE_DIR}"
-    identity = save_bundle(
-        bundle_url,
-        cfg.storage,
-        Bundle(model_config, data.image, data.text, data.vocab, data.classes, best_state, metrics,
-               precision={"trained": progress.get("precision", "fp32"), "validated": progress.get("precision", "fp32")},
-               temperature=best["temperature"]),
-    )
-    summary = ("best_epoch", "best", "epochs_run", "attempts", "worker_nodes", "history")
+    bundle = Bundle(model_config, data.image, data.text, data.vocab, data.classes, best_state, metrics,
+                    precision={"trained": progress.get("precision", "fp32"), "validated": progress.get("precision", "fp32")},
+                    temperature=best["temperature"])
+    identity = save_bundle(bundle_url, cfg.storage, bundle)
+    if mlflow_run is not None:
+        with tempfile.TemporaryDirectory(prefix="raypipe-bundle-") as directory:  # MLflow uploads local files
+            save_bundle(directory, cfg.storage, bundle)
+            log_bundle(mlflow_run, directory)
+        end_run(mlflow_run, "FINISHED")
+    summary = ("best_epoch", "best", "epochs_run", "attempts", "worker_nodes", "history", "resumed_mid_epoch")
     return {"bundle": bundle_url, "identity": identity, **{k: metrics[k] for k in summary}}

@@ -106,3 +106,27 @@ def test_prepared_rows_are_cached_only_when_they_fit_the_budget(prepared, cache_
     for split, ds in (("train", data.train), ("val", data.val)):
         assert isinstance(ds, MaterializedDataset) == cached
         assert ds.count() == stats["ok_by_split"][split]
+
+
+def test_mlflow_gets_the_config_every_epoch_and_the_bundle(prepared, tmp_path, monkeypatch):
+    """run.mlflow_tracking_uri with the real MLflow client and a SQLite store: the metrics come from the
+    rank-0 training worker, params and artifacts from the driver."""
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.chdir(tmp_path)  # the SQLite store keeps artifacts under ./mlruns
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = run_train(load_config(TrainConfig, None, [
+        f"prepared={prepared}", f"run.storage_path={tmp_path / 'runs'}", "run.name=tracked", f"run.mlflow_tracking_uri={uri}",
+        "optim.epochs=2", "optim.batch_size=32", "model.conv_channels=[8, 16]", "model.embed_dim=16",
+        "model.lstm_hidden=16", "ray.progress_bars=false",
+    ]))
+
+    client = mlflow.MlflowClient(uri)
+    [run] = client.search_runs(["0"])  # MLflow's default experiment
+    assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
+    assert run.data.params["optim.epochs"] == "2" and run.data.params["prepared"] == prepared
+    for key in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "train_samples_per_s", "lr"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == pytest.approx(
+        [h["val_accuracy"] for h in result["history"]])
+    artifacts = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "bundle")}
+    assert artifacts == {p.name for p in (tmp_path / "runs" / "tracked" / "bundle").iterdir()}

@@ -1,4 +1,5 @@
-"""Training faults: a Ray Train worker killed mid-epoch, and the driver killed mid-run.
+"""Training faults: a Ray Train worker killed mid-epoch, the driver killed mid-run, and a worker failing
+inside an epoch of a run with step checkpoints.
 
 Both are done from outside, as an operator or the kernel would: a watcher polls the run directory
 until Ray Train has registered a checkpoint (Train V2 writes ``checkpoint_manager_snapshot.json``
@@ -12,6 +13,7 @@ a run started over would have measured epoch 1 again.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -25,7 +27,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_train import prepared  # noqa: F401  (fixture: the prepared 480-pair sample)
+from flaky_proxy import FlakyProxy
+from test_train import _list, prepared  # noqa: F401  (fixture: the prepared 480-pair sample)
 from waiting import wait_until
 
 from raypipe.bundle import load_bundle
@@ -202,3 +205,37 @@ def test_a_killed_driver_is_resumed_by_running_the_same_command(ray_cluster, pre
     history = bundle.metrics["history"]
     assert bundle.metrics["epochs_run"] == epochs and [h["epoch"] for h in history] == list(range(1, epochs + 1))
     assert history[0] == epoch_1
+
+
+def test_a_worker_failing_inside_an_epoch_goes_on_from_the_step_checkpoint(ray_cluster, prepared, bucket,  # noqa: F811
+                                                                           s3_endpoint):
+    """Checkpoints every 4 steps of 32 rows on 1 worker; the store refuses the upload of the checkpoint
+    after step 8 of epoch 1, which fails the worker. Ray Train restarts it from the checkpoint at step 4,
+    and epoch 1 goes on from there rather than starting again."""
+    train_rows = json.loads((Path(prepared) / "stats.json").read_text())["ok_by_split"]["train"]
+    steps_per_epoch = math.ceil(train_rows / 32)
+    assert steps_per_epoch > 8, "step 8 must fall inside epoch 1"
+    proxy = FlakyProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    proxy.refuse_on(rb"^PUT /[^ ]*/checkpoint_epoch0001_step00000008/")
+    storage, name = f"s3://{bucket}/runs", "mid-epoch"
+    try:
+        result = run_train(load_config(TrainConfig, None, [
+            f"prepared={prepared}", f"run.storage_path={storage}", f"run.name={name}",
+            f"storage.endpoint_url={proxy.url}", "run.max_failures=1", "run.checkpoint_every_steps=4",
+            "scaling.num_workers=1", "optim.epochs=2", "ray.progress_bars=false", *TINY_MODEL,
+        ]))
+    finally:
+        proxy.close()
+
+    assert proxy.refused == 1 and result["attempts"] == 2
+    assert result["resumed_mid_epoch"] == [{"epoch": 1, "steps": 4, "rows": 4 * 32}]
+    history = result["history"]
+    # Each epoch trained as many rows as the training split has: epoch 1 neither started over nor
+    # trained its first 128 rows twice.
+    assert [(h["epoch"], h["train_rows"]) for h in history] == [(1, train_rows), (2, train_rows)]
+    # Step checkpoints carry the best epoch's weights along and are never taken for an epoch.
+    accuracies = [h["val_accuracy"] for h in history]
+    assert result["best_epoch"] == 1 + accuracies.index(max(accuracies))
+    # num_to_keep=2 holds for step checkpoints too; the newest, which the bundle comes from, ends epoch 2.
+    kept = sorted(path.split("/")[-2] for path in _list(f"{storage}/{name}") if path.endswith(f"/{CKPT_PROGRESS}"))
+    assert len(kept) == 2 and kept[-1] == f"checkpoint_epoch0002_step{2 * steps_per_epoch:08d}_end"

@@ -4,7 +4,6 @@ bundles record the training precision, and the autocast training step learns and
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from raypipe.config import LabelJobConfig, StorageConfig
 from raypipe.datasets.sample import CLASSES, SampleSpec, iter_samples
 from raypipe.model import FusionClassifier, ModelConfig
 from raypipe.pipeline import predict
-from raypipe.pipeline.train import CKPT_MODEL, _save_checkpoint, train_step
+from raypipe.pipeline.train import CheckpointPayload, train_step
 from raypipe.transforms.image import ImageOptions
 from raypipe.transforms.pairs import ModelInputPreparer
 from raypipe.transforms.text import TextNormalizer, TextOptions
@@ -152,9 +151,10 @@ def test_autocast_training_step_learns_and_checkpoints_fp32_weights(device, tmp_
                                dtype)) for _ in range(80)]
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
 
-    _save_checkpoint(str(tmp_path), model, optimizer, model.state_dict(), {"epoch": 1})
+    CheckpointPayload(model.state_dict(), optimizer.state_dict(), scaler.state_dict(), model.state_dict(),
+                      {"epoch": 1}, []).save(str(tmp_path))
     restored = FusionClassifier(config)
-    restored.load_state_dict(torch.load(os.path.join(tmp_path, CKPT_MODEL), weights_only=True))
+    restored.load_state_dict(CheckpointPayload.load(str(tmp_path)).model)
     assert {p.dtype for p in restored.state_dict().values()} == {torch.float32}
     model.eval(), restored.eval()
     with torch.no_grad():

@@ -17,7 +17,9 @@ from jobscript import run_script
 from test_storage_errors import checked_store  # noqa: F401 (a fixture: a moto server that checks credentials)
 
 from raypipe.cli import run_job
-from raypipe.config import ConfigError, IngestConfig, PrepareConfig, dump_config, load_config, mask_url_credentials
+from raypipe.config import (
+    ConfigError, IngestConfig, PrepareConfig, TrainConfig, dump_config, load_config, mask_url_credentials,
+)
 from raypipe.tools.configdoc import discover_jobs, is_section
 from raypipe.io import fs as rfs
 from raypipe.io.fs import StorageError
@@ -57,8 +59,16 @@ def test_every_text_field_of_every_job_refuses_a_url_with_credentials_without_ec
         assert PASSWORD not in message and USER not in message, message
         if not all(text in message for text in WHERE_CREDENTIALS_BELONG):
             without_advice.append(dotted)
-    # run.name is refused first for not being a folder name (ablation, train).
-    assert without_advice == (["run.name"] if "run.name" in fields else [])
+    # run.name is refused first for not being a folder name; run.mlflow_tracking_uri says where MLflow
+    # takes credentials from (ablation, train).
+    assert without_advice == [dotted for dotted in ("run.name", "run.mlflow_tracking_uri") if dotted in fields]
+
+
+def test_an_mlflow_uri_with_credentials_is_refused_saying_where_mlflow_takes_them_from():
+    message = refusal(TrainConfig, "run.mlflow_tracking_uri", f"https://{USER}:{PASSWORD}@mlflow.example:5000")
+    assert "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN" in message
+    assert PASSWORD not in message and USER not in message
+    assert load_config(TrainConfig, None, ["run.mlflow_tracking_uri=https://mlflow.example:5000"]).run.mlflow_tracking_uri
 
 
 @pytest.mark.parametrize(
