@@ -172,6 +172,31 @@ def plan_inputs(data: DataConfig, storage: StorageConfig, extra_columns: tuple[s
     return InputPlan(fmt, filesystem, tuple(files), columns, column_types=types)
 
 
+def first_values(plan: InputPlan, column: str, rows: int = 2000) -> tuple[str, list]:
+    """Up to ``rows`` values of ``column`` from the front of the first input file (for tars, of their
+    img2dataset .parquet, else of the samples' .json), and where they were read: enough to check a
+    setting against the data in a second, before any pass over it."""
+    from raypipe.io.tar import tar_members, tar_samples
+
+    if plan.format != "webdataset" or plan.metadata_files:
+        path = plan.metadata_files[0] if plan.format == "webdataset" else plan.files[0]
+        with plan.filesystem.open_input_file(path) as f:
+            batches = pq.ParquetFile(f).iter_batches(batch_size=rows, columns=[column])
+            first = next(batches, None)
+        return path, [] if first is None else first.column(0).to_pylist()
+    values = []
+    with plan.filesystem.open_input_stream(plan.files[0]) as stream:
+        keep = lambda name: name.endswith(".json")  # noqa: E731  (images are read past, never held)
+        for _, members in tar_samples(tar_members(stream, plan.files[0], keep=keep)):
+            try:
+                values.append(json.loads(members.get("json", b"{}")).get(column))
+            except (ValueError, AttributeError):
+                values.append(None)
+            if len(values) >= rows:
+                break
+    return f"the samples' .json in {plan.files[0]}", values
+
+
 class BatchSteps:
     """Per-batch functions run one after another in one ``map_batches`` call. Between two calls Ray
     Data builds an Arrow block even when it fuses them into one task, which for a column of JPEG bytes

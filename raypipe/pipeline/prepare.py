@@ -38,11 +38,11 @@ from raypipe.io import fs as rfs
 from raypipe.io.per_input import (
     complete, input_files, only, output_names_with_bare_paths, output_state, parallel, write_parts,
 )
-from raypipe.io.readers import InputPlan, SidecarJoin, plan_inputs, read_pairs, read_sidecar
+from raypipe.io.readers import InputPlan, SidecarJoin, first_values, plan_inputs, read_pairs, read_sidecar
 from raypipe.pipeline.cluster import start_cluster, wait_for_free_cpus
 from raypipe.schema import Status
 from raypipe.transforms.image import ImageOptions, pixels_as_bytes, unpack_images
-from raypipe.transforms.labels import COYO_LABELS, COYO_PROBS, LabelRule, class_order
+from raypipe.transforms.labels import COYO_LABELS, COYO_PROBS, LabelRule, class_order, label_text
 from raypipe.transforms.pairs import TOKEN, PairPreparer, count_batch
 from raypipe.transforms.split import SplitRule
 from raypipe.transforms.text import TextNormalizer, TextOptions, ensure_wordnet
@@ -117,10 +117,29 @@ def plan_prepare(cfg: DataSections) -> PreparePlan:
         if sidecar_join
         else None
     )
+    if cfg.labels.classes and cfg.labels.source == "column":
+        _check_classes_against_first_rows(cfg, inputs, sidecar)
     if cfg.text.lemmatize:
         ensure_wordnet()
     log.info("reading %d %s file(s) from %s", len(inputs.files), inputs.format, ", ".join(cfg.data.input))
     return PreparePlan(cfg, inputs, sidecar, cfg.split.rule())
+
+
+def _check_classes_against_first_rows(cfg: DataSections, inputs: InputPlan, sidecar: SidecarJoin | None) -> None:
+    """A class list that names none of the labels in the first rows is refused before any pass over the
+    data (a class list that covers only some labels is a choice: the others become ``unknown_label``)."""
+    if sidecar is not None:
+        where, values = cfg.labels.sidecar, sidecar.sidecar.column(cfg.labels.column).to_pylist()
+    else:
+        where, values = first_values(inputs, cfg.labels.column)
+    seen = Counter(name for name in map(label_text, values) if name is not None)
+    if seen and not set(seen) & set(cfg.labels.classes):
+        common = ", ".join(f"{name!r}" for name, _ in seen.most_common(8))
+        raise PrepareError(
+            f"labels.classes {cfg.labels.classes[:8]} matches none of the labels of column "
+            f"{cfg.labels.column!r} in the first {len(values)} rows of {where} (most common: {common}). "
+            "Fix labels.classes (names as the column holds them), or leave it unset to take the classes from the data"
+        )
 
 
 def build_vocab_and_classes(plan: PreparePlan) -> tuple[Vocabulary, tuple[str, ...], dict[str, int]]:

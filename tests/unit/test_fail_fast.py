@@ -13,7 +13,7 @@ import pytest
 
 from raypipe.config import PrepareConfig, load_config
 from raypipe.io.errors import InputError
-from raypipe.pipeline.prepare import plan_prepare
+from raypipe.pipeline.prepare import PrepareError, plan_prepare
 
 
 def write_tar(path, samples: list[dict]) -> None:
@@ -82,3 +82,29 @@ def test_replacing_an_output_moves_nested_parts_even_without_a_working_directory
     replace_with(staged, out, ("prepared", "stats.json"))
     files = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
     assert files == ["prepared/00000/part-2.parquet", "stats.json"]
+
+
+def _img2dataset_parquet(path, labels: list) -> None:
+    n = len(labels)
+    pq.write_table(pa.table({"key": [f"{i:03d}" for i in range(n)], "caption": ["a pet"] * n,
+                             "status": ["success"] * n, "jpg": [b"x"] * n, "category": [str(v) for v in labels]}), path)
+
+
+@pytest.mark.parametrize("where", ["parquet", "tar", "tar+metadata"])
+def test_a_class_list_that_names_none_of_the_labels_is_refused_from_the_first_rows(tmp_path, where):
+    labels = ["cat", "dog", "cat", 7]
+    if where == "parquet":
+        _img2dataset_parquet(tmp_path / "00000.parquet", labels)
+        source = tmp_path / "00000.parquet"
+    else:
+        write_tar(tmp_path / "00000.tar", [{"key": f"{i:03d}", "caption": "a pet", "category": label}
+                                           for i, label in enumerate(labels)])
+        if where == "tar+metadata":
+            _img2dataset_parquet(tmp_path / "00000.parquet", labels)
+        source = tmp_path / "00000.tar"
+    with pytest.raises(PrepareError, match=r"labels.classes \['apple', 'banana'\] matches none of the labels of column "
+                                           r"'category' in the first 4 rows of .*00000\.(parquet|tar).* \(most common: "
+                                           r"'cat', 'dog', '7'\)\. Fix labels.classes"):
+        plan(f"data.input={source}", "labels.column=category", "labels.classes=[apple, banana]")
+    # A list that names some of the labels is a choice (the rest become unknown_label), and ints match digits.
+    assert plan(f"data.input={source}", "labels.column=category", "labels.classes=[cat, 7]").cfg.labels.classes == ["cat", "7"]
