@@ -138,8 +138,9 @@ def test_good_and_bad_rows_on_s3_match_a_plain_loop(bundle_url, sample_rows, mod
     table, _ = sample_rows
     inputs, output = f"s3://{module_bucket}/pairs", f"s3://{module_bucket}/labels"
     written = write_collection(table.slice(0, 120), inputs, parts=3, bad=True)
+    # fp32: the plain loop's precision (bf16 labeling's agreement with fp32 is tests/unit/test_precision.py's).
     summary = run_label(load_config(LabelJobConfig, None, [*label_args(inputs, output), f"bundle={bundle_url}",
-                                                            "explain=true", "explain_words=3"]))
+                                                            "explain=true", "explain_words=3", "predict.precision=fp32"]))
     bundle = load_bundle(bundle_url, StorageConfig())
 
     out = read_output(output)
