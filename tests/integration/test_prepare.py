@@ -126,11 +126,16 @@ def test_img2dataset_parquet_with_sidecar_labels_and_passthrough(ray_cluster, tm
     with pytest.raises(PrepareError, match="overwrite=true"):
         run_prepare(cfg)
 
-    # With overwrite=true, a run that finds no usable row fails and leaves the output as it was.
+    # With overwrite=true, a run that cannot go leaves the output as it was: a class list naming none of the
+    # labels is refused from the sidecar before any pass; a run that finds no usable row (every image above
+    # image.max_pixels here) fails after its passes, having written nothing.
     before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
     no_class = cfg.model_copy(update={"overwrite": True, "labels": cfg.labels.model_copy(update={"classes": ["zebra"]})})
-    with pytest.raises(PrepareError, match=r"no usable row in .*'unknown_label': 23.*nothing was written"):
+    with pytest.raises(PrepareError, match=r"labels.classes \['zebra'\] matches none of the labels of column"):
         run_prepare(no_class)
+    no_image = cfg.model_copy(update={"overwrite": True, "image": cfg.image.model_copy(update={"max_pixels": 1})})
+    with pytest.raises(PrepareError, match=r"no usable row in .*'image_too_large': 2\d.*nothing was written"):
+        run_prepare(no_image)
     after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
     assert after == before
 
