@@ -102,11 +102,14 @@ def ray_cluster(s3_endpoint):
 
     bin_dir = Path(sys.executable).parent
     temp_dir = tempfile.mkdtemp(prefix="rp-ray-", dir="/tmp")
-    port, dashboard_port = free_port(), free_port()
+    port, dashboard_port, agent_port, client_port = free_port(), free_port(), free_port(), free_port()
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Fixed default ports (job agent 52365, Ray client 10001) would collide with any other Ray cluster on the
+    # machine: the agent then cannot bind, and no job can be submitted.
     subprocess.run(
         [str(bin_dir / "ray"), "start", "--head", f"--port={port}", "--num-cpus=4", f"--temp-dir={temp_dir}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+         f"--dashboard-agent-listen-port={agent_port}", f"--ray-client-server-port={client_port}",
          "--disable-usage-stats"],
         env=env, check=True, stdout=subprocess.DEVNULL,
     )
