@@ -56,14 +56,29 @@ def _each_file(fn, files: list[str]) -> list:
         return list(pool.map(fn, files))
 
 
-def _read_schemas(filesystem: pafs.FileSystem, files: list[str]) -> list[pa.Schema]:
-    def read(path: str) -> pa.Schema:
+def _read_footers(filesystem: pafs.FileSystem, files: list[str]) -> list[pq.FileMetaData]:
+    """Each file's Parquet footer: its schema and row count, without reading any row."""
+
+    def read(path: str) -> pq.FileMetaData:
         try:
-            return pq.read_schema(path, filesystem=filesystem)
+            with filesystem.open_input_file(path) as f:
+                return pq.ParquetFile(f).metadata
         except (OSError, pa.ArrowInvalid) as e:
             raise InputError(f"{path}: not a readable Parquet file ({e})") from None
 
     return _each_file(read, files)
+
+
+def _read_schemas(filesystem: pafs.FileSystem, files: list[str]) -> list[pa.Schema]:
+    return [footer.schema.to_arrow_schema() for footer in _read_footers(filesystem, files)]
+
+
+def _refuse_empty(inputs: list[str], files: list[str], rows: int, where: str) -> None:
+    if rows == 0:
+        raise InputError(
+            f"{', '.join(inputs)}: the {len(files)} input file(s) hold no rows ({where}); nothing to read. "
+            "Check data.input"
+        )
 
 
 def _check_tars(filesystem: pafs.FileSystem, files: list[str]) -> None:
@@ -140,6 +155,11 @@ def plan_inputs(data: DataConfig, storage: StorageConfig, extra_columns: tuple[s
         # A sample's .json holds its extra columns; img2dataset's .parquet beside the tar has their types.
         known = _read_schemas(filesystem, list(metadata[:1]))
         found = set(known[0].names) if known else _first_sample_fields(filesystem, files)
+        if metadata:
+            footers = _read_footers(filesystem, list(metadata))
+            _refuse_empty(data.input, files, sum(f.num_rows for f in footers), "img2dataset's .parquet beside each tar")
+        elif found is None:
+            _refuse_empty(data.input, files, 0, "no tar has a sample")
         missing = [c for c in extra_columns if found is not None and c not in found]
         if missing:
             where = metadata[0] if known else f"the first sample's .json in {files[0]}"
@@ -155,7 +175,9 @@ def plan_inputs(data: DataConfig, storage: StorageConfig, extra_columns: tuple[s
     else:
         columns = InputColumns(data.key_column, data.image_column, data.text_column, extra_columns)
     types: dict[str, pa.DataType] = {}
-    for path, file_schema in zip(files, _read_schemas(filesystem, files)):
+    footers = _read_footers(filesystem, files)
+    _refuse_empty(data.input, files, sum(f.num_rows for f in footers), "Parquet footers")
+    for path, file_schema in zip(files, (f.schema.to_arrow_schema() for f in footers)):
         if data.format == "auto" and not {"key", "caption", "status"} <= set(file_schema.names):
             raise InputError(
                 f"{path}: not an img2dataset Parquet shard (no key/caption/status columns). "

@@ -108,3 +108,13 @@ def test_a_class_list_that_names_none_of_the_labels_is_refused_from_the_first_ro
         plan(f"data.input={source}", "labels.column=category", "labels.classes=[apple, banana]")
     # A list that names some of the labels is a choice (the rest become unknown_label), and ints match digits.
     assert plan(f"data.input={source}", "labels.column=category", "labels.classes=[cat, 7]").cfg.labels.classes == ["cat", "7"]
+
+
+def test_an_input_with_no_rows_is_refused_from_the_footers_or_the_tars(tmp_path):
+    _img2dataset_parquet(tmp_path / "00000.parquet", [])
+    with pytest.raises(InputError, match=r"the 1 input file\(s\) hold no rows \(Parquet footers\); nothing to read"):
+        plan(f"data.input={tmp_path / '00000.parquet'}", "labels.source=none")
+    (tmp_path / "empty").mkdir()
+    write_tar(tmp_path / "empty" / "00000.tar", [])
+    with pytest.raises(InputError, match=r"the 1 input file\(s\) hold no rows \(no tar has a sample\)"):
+        plan(f"data.input={tmp_path / 'empty'}", "labels.source=none")
