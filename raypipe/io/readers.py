@@ -153,10 +153,10 @@ def plan_inputs(data: DataConfig, storage: StorageConfig, extra_columns: tuple[s
         infos = filesystem.get_file_info([s + ".parquet" for s in stems])
         metadata = tuple(i.path for i in infos if i.type == pafs.FileType.File)
         # A sample's .json holds its extra columns; img2dataset's .parquet beside the tar has their types.
-        known = _read_schemas(filesystem, list(metadata[:1]))
+        footers = _read_footers(filesystem, list(metadata))
+        known = [footers[0].schema.to_arrow_schema()] if footers else []
         found = set(known[0].names) if known else _first_sample_fields(filesystem, files)
-        if metadata:
-            footers = _read_footers(filesystem, list(metadata))
+        if footers:
             _refuse_empty(data.input, files, sum(f.num_rows for f in footers), "img2dataset's .parquet beside each tar")
         elif found is None:
             _refuse_empty(data.input, files, 0, "no tar has a sample")

@@ -41,8 +41,10 @@ TRAINING_METRICS = ("val_accuracy", "val_macro_f1")  # of the best epoch, from t
 
 def evaluated_metrics(split: str) -> tuple[str, ...]:
     """What ``evaluate_split`` adds per run (the validation accuracy is training's own)."""
-    scores = () if split in ("val", "none") else (f"{split}_accuracy", f"{split}_macro_f1")
-    return () if split == "none" else (*scores, f"{split}_ece_uncalibrated", f"{split}_ece")
+    if split == "none":
+        return ()
+    scores = () if split == "val" else (f"{split}_accuracy", f"{split}_macro_f1")
+    return (*scores, f"{split}_ece_uncalibrated", f"{split}_ece")
 
 
 def _prepared_once(cfg: AblationConfig) -> str:
