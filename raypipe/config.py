@@ -457,7 +457,10 @@ class ModelSection(Section):
 class OptimSection(Section):
     lr: float = Field(0.001, gt=0, description="Adam learning rate (the paper: 0.001).")
     batch_size: int = Field(32, ge=1, description="Global batch size, split across workers (the paper: 32).")
-    epochs: int = Field(10, ge=1, description="Maximum epochs (the paper: 100; 10 keeps the built-in demo to minutes).")
+    epochs: int = Field(
+        100, ge=1, description="Maximum epochs (the paper: 100); early stopping (early_stopping_patience) usually "
+        "ends a run well before."
+    )
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay (L2).")
     early_stopping_patience: int | None = Field(
         10, ge=1, description="Stop after this many epochs without a better validation accuracy (null: never; the "
