@@ -430,27 +430,29 @@ class ModelSection(Section):
     bidirectional: bool = Field(False, description="Bidirectional LSTM.")
     fc_dims: list[int] = Field(
         [256],
-        description="Hidden sizes of the fully connected layers of the mlp head (fusion_head=mlp, and the image-only "
-        "and text-only models).",
+        description="Hidden sizes of the fully connected layers of every classifier head: the image-only and "
+        "text-only models', the mlp fusion head's, and each branch's with fusion_head=sum or aux_heads.",
     )
     dropout: float = Field(0.5, ge=0.0, lt=1.0, description="Dropout before each fully connected layer.")
     modality_dropout: float = Field(
-        0.5,
+        0.0,
         ge=0.0,
         lt=1.0,
-        description="fusion, training only: this share of the samples loses the image or the text features "
-        "(zeroed, a coin flip which), so neither branch leans on the other (raypipe's recipe; the paper: 0).",
+        description="fusion trained jointly (fusion_head=mlp, or optim.branch_training=joint), training only: this "
+        "share of the samples loses the image or the text features (zeroed, a coin flip which), so neither branch "
+        "leans on the other (a departure from the paper; 0: off).",
     )
     aux_heads: bool = Field(
-        True,
-        description="fusion: also a linear classifier on each branch's features, trained with its own loss "
-        "(weight optim.aux_loss_weight) so each branch keeps learning after the other has fitted the training "
-        "set (raypipe's recipe; the paper has none: false).",
+        False,
+        description="fusion trained jointly: also a classifier on each branch's features, trained with its own loss "
+        "(weight optim.aux_loss_weight) beside the fused one, so each branch keeps learning after the other has "
+        "fitted the training set (a departure from the paper; off).",
     )
     fusion_head: Literal["mlp", "sum"] = Field(
         "sum",
-        description="fusion: sum (raypipe's recipe, late fusion: a linear classifier per branch, the prediction is "
-        "the sum of their logits) or mlp (the paper: fully connected layers, fc_dims, on the concatenated features).",
+        description="fusion: sum (raypipe's recipe, late fusion: a classifier per branch, the prediction is the sum "
+        "of their logits weighted by an image share fitted on validation; see optim.branch_training) or mlp (the "
+        "paper: fully connected layers, fc_dims, on the concatenated features).",
     )
 
 
@@ -472,7 +474,16 @@ class OptimSection(Section):
     shuffle_buffer: int = Field(2000, ge=0, description="Rows in each worker's local shuffle buffer (0: no shuffle).")
     seed: int = Field(0, description="Seed of model initialisation and shuffling.")
     aux_loss_weight: float = Field(
-        0.5, ge=0, description="Weight of each branch's own loss when model.aux_heads is on (fusion)."
+        0.5, ge=0, description="branch_training=joint: weight of each branch's own loss when model.aux_heads is on."
+    )
+    branch_training: Literal["separate", "joint"] = Field(
+        "separate",
+        description="fusion with model.fusion_head=sum: separate (raypipe's recipe: each branch learns from its own "
+        "classifier's loss only, as the one-branch model would, and keeps the weights of its own best validation "
+        "epoch; the run stops when neither has improved for early_stopping_patience epochs; a branch that fits the "
+        "training set fast cannot starve the other) or joint (the loss of the summed logits, plus aux_loss_weight x "
+        "each branch's with model.aux_heads; the best epoch of the sum is kept). Either way the image share of the "
+        "sum and the temperature are fitted on validation. fusion_head=mlp always trains jointly.",
     )
     augment: bool = Field(
         True,

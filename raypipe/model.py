@@ -3,7 +3,9 @@
     image uint8 [B, S, S, 3] -> ImageCNN (conv3x3 + ReLU + maxpool2 blocks, flatten or average) -> [B, F]
     tokens int  [B, L]       -> TextLSTMAttention (embed, LSTM, additive attention)           -> [B, D]
     fusion_head "mlp" (the paper): concat [B, F + D] -> (dropout, FC + ReLU)* -> dropout, FC -> logits [B, C]
-    fusion_head "sum": dropout, FC per branch -> image logits + text logits -> logits [B, C]
+    fusion_head "sum": (dropout, FC + ReLU)*, dropout, FC per branch (each as the one-branch models' head)
+        -> 2 s image logits + 2 (1 - s) text logits -> logits [B, C]
+        (s = image_share: 0.5 in training, the plain sum; then fitted on validation, raypipe/calibration.py)
 
 `mode` picks the ablation: "image" and "text" build only their branch, so every parameter takes part
 in every forward pass (DDP needs no find_unused_parameters). No device or dtype is hard-coded:
@@ -21,6 +23,8 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 MODES = ("fusion", "image", "text")
+# A late-fusion model's state-dict keys per branch: its encoder and its classifier (FusionClassifier's order).
+BRANCH_KEYS = {"image": ("image.", "branch_heads.0."), "text": ("text.", "branch_heads.1.")}
 DEFAULT_SEQ_LEN = 32  # the text transform's default max_len; only flops_per_sample needs a length
 
 
@@ -42,6 +46,7 @@ class ModelConfig:
     modality_dropout: float = 0.0  # fusion, training only: share of samples that lose one branch (a departure)
     aux_heads: bool = False  # fusion: a linear classifier per branch, trained beside the fused one (a departure)
     fusion_head: str = "mlp"  # fusion: "mlp" on the concatenation (the paper) | "sum" of per-branch logits
+    image_share: float = 0.5  # "sum": logits = 2 s image + 2 (1 - s) text; fitted on validation after training
 
     def __post_init__(self):
         self.conv_channels, self.fc_dims = tuple(self.conv_channels), tuple(self.fc_dims)  # lists from JSON
@@ -49,12 +54,19 @@ class ModelConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.image_pool not in ("flatten", "avg") or self.fusion_head not in ("mlp", "sum"):
             raise ValueError(f"image_pool must be flatten or avg and fusion_head mlp or sum, got {self}")
+        if not 0.0 <= self.image_share <= 1.0:
+            raise ValueError(f"image_share must be in [0, 1], got {self.image_share}")
         if not 0.0 <= self.modality_dropout < 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
         if self.num_classes < 1 or self.vocab_size < 2 or not self.conv_channels:
             raise ValueError(f"need num_classes >= 1, vocab_size >= 2 and conv blocks: {self}")
         if self.image_size >> len(self.conv_channels) < 1:
             raise ValueError(f"image_size {self.image_size} is too small for {len(self.conv_channels)} maxpool blocks")
+
+    @property
+    def late_fusion(self) -> bool:
+        """Two branches whose logits are summed (weighted by image_share)."""
+        return self.mode == "fusion" and self.fusion_head == "sum"
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -137,18 +149,16 @@ class FusionClassifier(nn.Module):
         self.image = ImageCNN(config) if config.mode in ("fusion", "image") else None
         self.text = TextLSTMAttention(config) if config.mode in ("fusion", "text") else None
         branches = [branch for branch in (self.image, self.text) if branch is not None]
-        self.late = config.fusion_head == "sum" and len(branches) == 2
+        self.late = config.late_fusion
         self.head = None if self.late else self._mlp(sum(branch.out_dim for branch in branches), config)
-        # One linear classifier per branch. With fusion_head "sum" their logits are added to make the
-        # prediction (late fusion); with aux_heads each also has its own loss, so each branch keeps learning
-        # after the other one has fitted the training set (Wang et al. 2020, "What makes training
-        # multi-modal classification networks hard?"); without "sum" they are used in training only.
+        # One classifier per branch, the head a one-branch model has. With fusion_head "sum" their logits
+        # are added to make the prediction (late fusion); trained separately (optim.branch_training), each
+        # branch learns as if alone; with aux_heads each also has its own loss beside a joint one (Wang et
+        # al. 2020, "What makes training multi-modal classification networks hard?"); without "sum" they
+        # are used in training only.
         self.branch_heads = None
         if config.mode == "fusion" and (config.aux_heads or self.late):
-            self.branch_heads = nn.ModuleList(
-                nn.Sequential(nn.Dropout(config.dropout), nn.Linear(branch.out_dim, config.num_classes))
-                for branch in branches
-            )
+            self.branch_heads = nn.ModuleList(self._mlp(branch.out_dim, config) for branch in branches)
         self.apply(_init_weights)
         # Near-zero logits at the start: the initial loss is ln(num_classes), not a confident guess.
         for classifier in [*([self.head] if self.head else []), *(self.branch_heads or [])]:
@@ -162,14 +172,16 @@ class FusionClassifier(nn.Module):
             in_dim = dim
         return nn.Sequential(*layers, nn.Dropout(config.dropout), nn.Linear(in_dim, config.num_classes))
 
-    def forward(self, image: Tensor | None, tokens: Tensor | None, with_aux: bool = False):
-        """Logits [B, num_classes]; with ``with_aux`` (training), also the per-branch logits that have a
-        loss of their own (a list, empty without aux heads)."""
+    def forward(self, image: Tensor | None, tokens: Tensor | None, with_branches: bool = False):
+        """Logits [B, num_classes]; with ``with_branches`` (training), also the per-branch classifiers' logits
+        (a list: empty for a one-branch model and for the mlp head without aux heads)."""
         features, _ = self._features(image, tokens)
         logits, branch_logits = self._fuse(features)
-        if not with_aux:
-            return logits
-        return logits, branch_logits if self.config.aux_heads else []
+        return (logits, branch_logits) if with_branches else logits
+
+    def branch_logits(self, image: Tensor, tokens: Tensor) -> list[Tensor]:
+        """A late-fusion model's per-branch logits, [image [B, C], text [B, C]] (validation fits their weights)."""
+        return self._fuse(self._features(image, tokens)[0])[1]
 
     def forward_with_attention(self, image: Tensor | None, tokens: Tensor | None) -> tuple[Tensor, Tensor | None]:
         features, attention = self._features(image, tokens)
@@ -193,7 +205,7 @@ class FusionClassifier(nn.Module):
             else:
                 features = self._drop_one_branch(*features)
         if self.late:
-            return branch_logits[0] + branch_logits[1], branch_logits
+            return late_sum(*branch_logits, self.config.image_share), branch_logits
         return self.head(torch.cat(features, dim=1)), branch_logits
 
     def _drop_one_branch(self, image_features: Tensor, text_features: Tensor) -> list[Tensor]:
@@ -204,6 +216,11 @@ class FusionClassifier(nn.Module):
         dropped = torch.rand(B, 1, device=image_features.device) < self.config.modality_dropout  # [B, 1]
         image_side = torch.rand(B, 1, device=image_features.device) < 0.5
         return [image_features * ~(dropped & image_side), text_features * ~(dropped & ~image_side)]
+
+
+def late_sum(image_logits: Tensor, text_logits: Tensor, image_share) -> Tensor:
+    """Late fusion: 2 s image + 2 (1 - s) text; s = 0.5 is the plain sum (a float, or a tensor that broadcasts)."""
+    return 2 * image_share * image_logits + 2 * (1 - image_share) * text_logits
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -236,15 +253,13 @@ def flops_per_sample(config: ModelConfig, seq_len: int = DEFAULT_SEQ_LEN) -> int
     """2 x multiply-adds of one sample's forward pass (at inference): convs, LSTM at full length `seq_len`
     (packing skips padding, so real texts cost less), attention and FC layers. Bias adds,
     activations, pooling, BatchNorm, softmax and the embedding lookup are left out (<1%)."""
-    macs = 0
+    macs, features = 0, []  # features: each branch's feature size
     if config.mode in ("fusion", "image"):
         in_ch, size = 3, config.image_size
         for out_ch in config.conv_channels:
             macs += size * size * out_ch * in_ch * 9  # 'same' conv at full resolution, before the pool
             in_ch, size = out_ch, size // 2
-        features = in_ch * (1 if config.image_pool == "avg" else size * size)
-    else:
-        features = 0
+        features.append(in_ch * (1 if config.image_pool == "avg" else size * size))
     if config.mode in ("fusion", "text"):
         H, directions = config.lstm_hidden, 2 if config.bidirectional else 1
         in_dim = config.embed_dim
@@ -252,9 +267,9 @@ def flops_per_sample(config: ModelConfig, seq_len: int = DEFAULT_SEQ_LEN) -> int
             macs += seq_len * directions * 4 * H * (in_dim + H)  # four gates, input + recurrent matmuls
             in_dim = directions * H
         macs += seq_len * (in_dim * in_dim + in_dim + in_dim)  # W h_t, v^T tanh(.), weighted sum
-        features += in_dim
-    late = config.mode == "fusion" and config.fusion_head == "sum"
-    for dim in (config.num_classes,) if late else (*config.fc_dims, config.num_classes):  # one FC per branch if late
-        macs += features * dim
-        features = dim
+        features.append(in_dim)
+    for in_dim in features if config.late_fusion else [sum(features)]:  # an mlp per branch, or one on the concat
+        for dim in (*config.fc_dims, config.num_classes):
+            macs += in_dim * dim
+            in_dim = dim
     return 2 * macs

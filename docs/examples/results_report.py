@@ -172,6 +172,9 @@ def generated_block(dataset: str, work: Path, images_link: str) -> str:
     for run in ablation["runs"]:
         per_mode.setdefault(run["mode"], []).append(f"{run['epochs_run']} (best {run['best_epoch']})")
     lines.append("Epochs run per seed (best epoch): " + "; ".join(f"{m} {', '.join(e)}" for m, e in per_mode.items()) + ".")
+    shares = [str(run["image_share"]) for run in ablation["runs"] if run["mode"] == "fusion" and run.get("image_share") is not None]
+    if shares:
+        lines += ["", "Fusion's image share of the late-fusion sum, fitted on validation, per seed: " + ", ".join(shares) + "."]
     lines += ["", end]
     return "\n".join(lines)
 

@@ -133,7 +133,8 @@ def evaluate_run(cfg: AblationConfig, prepared: str, run: dict, output: rfs.Loca
                f"{split}_ece_uncalibrated": result["calibration"]["ece_uncalibrated"]}
     if split != "val":
         figures.update({f"{split}_accuracy": result["accuracy"], f"{split}_macro_f1": result["macro_f1"]})
-    return {**figures, "temperature": result["calibration"]["temperature"], "classes": list(result["per_class"]),
+    return {**figures, "temperature": result["calibration"]["temperature"],
+            "image_share": result["calibration"]["image_share"], "classes": list(result["per_class"]),
             "confusion": result["confusion"], "bin_sums": result["calibration"]["bin_sums"]}
 
 

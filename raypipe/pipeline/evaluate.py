@@ -110,6 +110,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         "confusion": confusion.tolist(),
         "calibration": {
             "temperature": bundle.temperature,  # fitted on the validation split when the model was trained
+            "image_share": bundle.model_config.image_share if bundle.model_config.late_fusion else None,
             "ece": round(calibration.expected_calibration_error(bins["calibrated"]), 4),
             "ece_uncalibrated": round(calibration.expected_calibration_error(bins["uncalibrated"]), 4),
             "reliability": {name: calibration.reliability(b) for name, b in bins.items()},

@@ -14,7 +14,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from raypipe.config import OptimSection, TrainConfig, dump_config
 from raypipe.errors import UserError
 from raypipe.io import fs as rfs
 from raypipe.metrics import summary
-from raypipe.model import FusionClassifier, ModelConfig
+from raypipe.model import BRANCH_KEYS, FusionClassifier, ModelConfig, late_sum
 from raypipe.pipeline.capacity import cluster_capacity, plan_worker_resources, wait_for_resources
 from raypipe.pipeline.cluster import start_cluster, wait_for_free_cpus
 from raypipe.pipeline.mlflow_log import MlflowRun, end_run, log_bundle, log_epoch, open_run, require_mlflow
@@ -327,6 +327,14 @@ class WorkerState:
         return self.loop.amp and self.device.type == "cuda"
 
     @property
+    def loss_weights(self) -> tuple[float, float]:
+        return loss_weights(self.loop.model, self.loop.optim)
+
+    @property
+    def separate(self) -> bool:
+        return trains_branches_separately(self.loop.model, self.loop.optim)
+
+    @property
     def amp_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
 
@@ -347,7 +355,10 @@ def _set_threads(loop: LoopConfig, device: torch.device, local_world: int) -> No
 def new_progress() -> dict:
     """The progress of a run that has not trained yet (the keys a checkpoint's progress.json holds)."""
     return {"epoch": 0, "steps": 0, "history": [], "best_epoch": None, "best_val_accuracy": -1.0, "stale_epochs": 0,
-            "resumed_mid_epoch": []}
+            "resumed_mid_epoch": [],
+            # optim.branch_training=separate: each branch's best epoch, and the model of the two at the end
+            "best_branches": {branch: {"epoch": None, "val_accuracy": -1.0} for branch in BRANCH_KEYS},
+            "assembled": None}
 
 
 def _rng_state(state: WorkerState) -> dict:
@@ -465,15 +476,27 @@ class TensorBoardLog:
             rfs.write_bytes(self.target.join(name), Path(self.local, name).read_bytes())
 
 
-def train_step(model, optimizer, scaler, loss_fn, images, tokens, labels, aux_loss_weight: float,
+def trains_branches_separately(model: ModelConfig, optim: OptimSection) -> bool:
+    return model.late_fusion and optim.branch_training == "separate"
+
+
+def loss_weights(model: ModelConfig, optim: OptimSection) -> tuple[float, float]:
+    """(weight of the fused logits' loss, weight of each branch classifier's loss)."""
+    if trains_branches_separately(model, optim):
+        return 0.0, 1.0
+    return 1.0, optim.aux_loss_weight if model.mode == "fusion" and model.aux_heads else 0.0
+
+
+def train_step(model, optimizer, scaler, loss_fn, images, tokens, labels, weights: tuple[float, float],
                amp_dtype: torch.dtype | None) -> torch.Tensor:
     """One optimizer step on a batch, under autocast in ``amp_dtype`` when given (the weights stay fp32;
-    losses are taken on fp32 logits); returns the loss."""
+    losses are taken on fp32 logits); ``weights``: ``loss_weights``'. Returns the loss."""
+    fused_weight, branch_weight = weights
     with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        logits, aux_logits = model(images, tokens, with_aux=True)
-        loss = loss_fn(logits.float(), labels)
-        for branch_logits in aux_logits:
-            loss = loss + aux_loss_weight * loss_fn(branch_logits.float(), labels)
+        logits, branch_logits = model(images, tokens, with_branches=True)
+        losses = [fused_weight * loss_fn(logits.float(), labels)] if fused_weight else []
+        losses += [branch_weight * loss_fn(x.float(), labels) for x in branch_logits] if branch_weight else []
+        loss = sum(losses)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -506,7 +529,7 @@ def train_epoch(state: WorkerState, shard, before: EpochSoFar, loss_fn) -> Epoch
         if state.augmenter is not None:
             images = augment_images(images, state.augmenter)
         loss = train_step(state.model, state.optimizer, state.scaler, loss_fn, images, batch[schema.TOKENS], labels,
-                          optim.aux_loss_weight, state.amp_dtype if state.use_amp else None)
+                          state.loss_weights, state.amp_dtype if state.use_amp else None)
         sums += torch.tensor([loss.item() * len(labels), len(labels)], dtype=torch.float64, device=state.device)
         steps += 1
         state.progress["steps"] += 1
@@ -531,60 +554,125 @@ def _epoch_so_far(state: WorkerState, before: EpochSoFar, sums: torch.Tensor, st
                       before.loss_sum + float(total[0]), before.seconds + float(slowest[0]))
 
 
-def validate(state: WorkerState, shard) -> tuple[torch.Tensor, ...]:
-    """This worker's validation shard: [summed loss, rows], the confusion matrix (true x predicted) and
-    the temperature-scaling sums (``calibration.accumulate``)."""
+def validate(state: WorkerState, shard) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The validation split over all workers (every worker calls it: the sums are all-reduced): [summed loss,
+    rows] and the confusion matrix (true x predicted) of the model as it would be bundled, and
+    ``calibration.fit``'s answer. A late-fusion model takes two passes: the first fits its image share (with
+    the temperature), the second scores the model at that share."""
     n = state.loop.model.num_classes
     state.model.eval()
+    late, share = state.raw_model.late, None
+    nll, bins = calibration.empty_sums(len(calibration.IMAGE_SHARES) if late else 1, state.device)
+    if late:
+        for image, tokens, labels in _validation_batches(state, shard):
+            calibration.accumulate(nll, bins, calibration.share_logits(*state.raw_model.branch_logits(image, tokens)),
+                                   labels)
+        _all_reduce(nll, bins)
+        share = calibration.fit(nll, bins)["image_share"]
     sums = torch.zeros(2, dtype=torch.float64, device=state.device)
     confusion = torch.zeros(n, n, dtype=torch.int64, device=state.device)
-    nll, bins = calibration.empty_sums(state.device)
+    for image, tokens, labels in _validation_batches(state, shard):
+        if late:
+            logits = late_sum(*state.raw_model.branch_logits(image, tokens), share).float()
+        else:
+            logits = state.model(image, tokens).float()
+            calibration.accumulate(nll, bins, logits, labels)
+        sums += torch.tensor(
+            [torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item(), len(labels)],
+            dtype=torch.float64, device=state.device,
+        )
+        confusion += torch.bincount(labels * n + logits.argmax(1), minlength=n * n).view(n, n)
+    _all_reduce(sums, confusion, *([] if late else [nll, bins]))
+    return sums, confusion, calibration.fit(nll, bins)
+
+
+def _validation_batches(state: WorkerState, shard):
+    """(images, tokens, labels) of this worker's validation shard, under no_grad and the run's autocast."""
     batch_size = 4 * max(1, state.loop.optim.batch_size // state.world)
     with torch.no_grad(), torch.autocast(state.device.type, dtype=state.amp_dtype, enabled=state.use_amp):
         for batch in _batches(shard, batch_size, state.device):
-            logits = state.model(batch[schema.IMAGE], batch[schema.TOKENS]).float()
-            labels = batch[schema.LABEL_ID]
-            sums += torch.tensor(
-                [torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item(), len(labels)],
-                dtype=torch.float64, device=state.device,
-            )
-            confusion += torch.bincount(labels * n + logits.argmax(1), minlength=n * n).view(n, n)
-            calibration.accumulate(nll, bins, logits, labels)
-    return sums, confusion, nll, bins
+            yield batch[schema.IMAGE], batch[schema.TOKENS], batch[schema.LABEL_ID]
 
 
-def epoch_metrics(trained: EpochSoFar, val_sums, confusion, fitted: dict, epoch_seconds: float) -> dict:
-    """The epoch's metrics over all workers (the validation sums already reduced); ``fitted``:
-    ``calibration.fit``'s."""
+def validation_metrics(val_sums, confusion, fitted: dict) -> dict:
+    """What ``validate`` measured, over all workers; ``fitted``: ``calibration.fit``'s."""
     scores = summary(confusion.cpu().numpy())
     return {
-        "epoch": trained.epoch + 1,
-        "train_loss": trained.loss_sum / max(trained.rows, 1),
         "val_loss": float(val_sums[0] / max(val_sums[1], 1)),
         "val_accuracy": scores["accuracy"],
         "val_macro_f1": scores["macro_f1"],
-        "train_samples_per_s": trained.rows / max(trained.seconds, 1e-9),
-        "epoch_seconds": round(epoch_seconds, 2),
-        "train_rows": trained.rows,
         "val_rows": int(val_sums[1]),
-        "temperature": fitted["temperature"],  # of least validation NLL, for this epoch's weights
+        "temperature": fitted["temperature"],  # of least validation NLL, for these weights
+        "image_share": fitted["image_share"],  # late fusion: fitted with the temperature (None otherwise)
+        # Late fusion: accuracy at share 0.5 (the plain sum), 1 (the image branch alone) and 0 (the text branch)
+        **{f"val_accuracy_{name}": fitted[f"accuracy_{name}"] for name in ("plain_sum", "image", "text")},
         "val_ece": fitted["ece"],
         "val_ece_calibrated": fitted["ece_calibrated"],
     }
 
 
+def epoch_metrics(trained: EpochSoFar, validated: dict, epoch_seconds: float) -> dict:
+    """The epoch's metrics over all workers: training, and ``validation_metrics``' answer."""
+    return {
+        "epoch": trained.epoch + 1,
+        "train_loss": trained.loss_sum / max(trained.rows, 1),
+        "train_samples_per_s": trained.rows / max(trained.seconds, 1e-9),
+        "epoch_seconds": round(epoch_seconds, 2),
+        "train_rows": trained.rows,
+        **validated,
+    }
+
+
 def record(state: WorkerState, metrics: dict) -> tuple[bool, bool]:
-    """Adds the epoch to the run's progress, keeps the best weights; returns (improved, stop early)."""
-    progress, patience = state.progress, state.loop.optim.early_stopping_patience
-    improved = metrics["val_accuracy"] > progress["best_val_accuracy"]
-    if improved:
-        progress.update(best_epoch=metrics["epoch"], best_val_accuracy=metrics["val_accuracy"], stale_epochs=0)
-        state.best_state = {k: v.detach().cpu().clone() for k, v in state.raw_model.state_dict().items()}
+    """Adds the epoch to the run's progress, keeps the best weights; returns (improved, stop early).
+    Branches trained separately keep each its own best epoch's weights, by its own validation accuracy,
+    and the run stops when neither has improved for early_stopping_patience epochs."""
+    progress, patience, epoch = state.progress, state.loop.optim.early_stopping_patience, metrics["epoch"]
+    if state.separate:
+        improved = False
+        for branch, best in progress["best_branches"].items():
+            if metrics[f"val_accuracy_{branch}"] > best["val_accuracy"]:
+                best.update(epoch=epoch, val_accuracy=metrics[f"val_accuracy_{branch}"])
+                state.best_state = {**(state.best_state or {}), **_weights(state.raw_model, BRANCH_KEYS[branch])}
+                improved = True
+        progress["stale_epochs"] = epoch - max(best["epoch"] for best in progress["best_branches"].values())
     else:
-        progress["stale_epochs"] += 1
-    progress["epoch"] = metrics["epoch"]
+        improved = metrics["val_accuracy"] > progress["best_val_accuracy"]
+        if improved:
+            progress.update(best_epoch=epoch, best_val_accuracy=metrics["val_accuracy"], stale_epochs=0)
+            state.best_state = _weights(state.raw_model)
+        else:
+            progress["stale_epochs"] += 1
+    progress.update(epoch=epoch, assembled=None)  # a model of the best branches is assembled after the last epoch
     progress["history"].append(metrics)
     return improved, patience is not None and progress["stale_epochs"] >= patience
+
+
+def _weights(model: FusionClassifier, prefixes: tuple[str, ...] = ("",)) -> dict[str, torch.Tensor]:
+    """A CPU copy of the model's state dict, or of its keys that start with one of ``prefixes``."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k.startswith(prefixes)}
+
+
+def assemble_best_branches(state: WorkerState, val_shard) -> None:
+    """Branches trained separately: the model of each branch's best epoch, its image share and temperature
+    fitted on validation (``validate``), recorded as the progress' "assembled" and checkpointed."""
+    last = _weights(state.raw_model)  # the checkpoint keeps the last epoch's weights to train on from
+    state.raw_model.load_state_dict(state.best_state)
+    progress = state.progress
+    progress["assembled"] = {
+        "branch_epochs": {branch: best["epoch"] for branch, best in progress["best_branches"].items()},
+        **validation_metrics(*validate(state, val_shard)),
+    }
+    state.raw_model.load_state_dict(last)
+    progress["best_epoch"] = max(progress["assembled"]["branch_epochs"].values())
+    progress["best_val_accuracy"] = progress["assembled"]["val_accuracy"]
+    if state.rank == 0:
+        chosen = progress["assembled"]
+        say(f"best branches: image epoch {chosen['branch_epochs']['image']}, text epoch "
+            f"{chosen['branch_epochs']['text']}; image share {chosen['image_share']}: val_acc "
+            f"{chosen['val_accuracy']:.4f}  macro_f1 {chosen['val_macro_f1']:.4f}")
+    _report_checkpoint(state, {"epoch": progress["epoch"], "val_accuracy": progress["assembled"]["val_accuracy"]}, progress,
+                       checkpoint_name(progress["epoch"], progress["steps"], True) + "_assembled")
 
 
 def _report_checkpoint(state: WorkerState, metrics: dict, progress: dict, name: str) -> None:
@@ -644,14 +732,14 @@ def train_loop_per_worker(config: dict) -> None:
         started = time.perf_counter()
         before = EpochSoFar.resumed(state.progress.pop("in_epoch", None), epoch)
         trained = train_epoch(state, train_shard, before, loss_fn)
-        val_sums, confusion, nll, bins = validate(state, val_shard)
-        _all_reduce(val_sums, confusion, nll, bins)
-        metrics = epoch_metrics(trained, val_sums, confusion, calibration.fit(nll, bins),
-                                before.seconds + time.perf_counter() - started)
+        validated = validation_metrics(*validate(state, val_shard))
+        metrics = epoch_metrics(trained, validated, before.seconds + time.perf_counter() - started)
         improved, stop = record(state, metrics)
         report(state, metrics, improved, stop, tensorboard)
         if stop:
             break
+    if state.separate and state.progress["assembled"] is None:
+        assemble_best_branches(state, val_shard)
 
 
 # --- on the driver ------------------------------------------------------------------------------
@@ -750,7 +838,8 @@ def _fit_and_bundle(cfg: TrainConfig, trainer, data: TrainingData, model_config:
     with result.checkpoint.as_directory() as directory:
         best_state = torch.load(os.path.join(directory, CKPT_BEST), weights_only=True)
         progress = json.loads(Path(directory, CKPT_PROGRESS).read_text())
-    best = progress["history"][progress["best_epoch"] - 1]
+    # Separately trained branches: the two best epochs' model; otherwise the best epoch's.
+    best = progress.get("assembled") or progress["history"][progress["best_epoch"] - 1]
     metrics = {
         "best_epoch": progress["best_epoch"],
         "best": best,
@@ -762,6 +851,8 @@ def _fit_and_bundle(cfg: TrainConfig, trainer, data: TrainingData, model_config:
         "config": dump_config(cfg),
     }
     bundle_url = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}/{BUNDLE_DIR}"
+    if best.get("image_share") is not None:
+        model_config = replace(model_config, image_share=best["image_share"])
     bundle = Bundle(model_config, data.image, data.text, data.vocab, data.classes, best_state, metrics,
                     precision={"trained": progress.get("precision", "fp32"), "validated": progress.get("precision", "fp32")},
                     temperature=best["temperature"])

@@ -73,8 +73,11 @@ def test_two_workers_checkpoint_to_s3_resume_and_evaluate(prepared, bucket, tmp_
     assert bundle.metrics["best_epoch"] == second["best_epoch"]
     assert all(isinstance(v, torch.Tensor) for v in bundle.state_dict.values())
 
-    # The bundle keeps the temperature fitted on the best epoch's validation pass (all workers' rows).
+    # The bundle keeps the temperature and the late-fusion image share fitted on the best epoch's validation
+    # pass (all workers' rows).
     assert bundle.temperature == second["best"]["temperature"] and bundle.temperature != 1.0
+    assert bundle.model_config.image_share == second["best"]["image_share"]
+    assert 0 <= bundle.model_config.image_share <= 1 and 0 < second["best"]["val_accuracy_plain_sum"] <= 1
 
     validation = run_evaluate(load_config(EvaluateConfig, None, [
         f"bundle={second['bundle']}", f"prepared={prepared}", "which_split=val", f"output={tmp_path / 'val'}"]))

@@ -42,7 +42,7 @@ def trained(monkeypatch):
         seed = int(cfg.bundle.split("-s")[-1].split("/")[0]) if "-s" in cfg.bundle else 0
         return {"accuracy": 0.8 + 0.01 * seed, "macro_f1": 0.75, "confusion": [[3, 1], [0, 4]],
                 "per_class": {"cat": {}, "dog": {}},
-                "calibration": {"temperature": 1.5, "ece": 0.02, "ece_uncalibrated": 0.1,
+                "calibration": {"temperature": 1.5, "image_share": 0.45, "ece": 0.02, "ece_uncalibrated": 0.1,
                                 "bin_sums": {"calibrated": bins.tolist(), "uncalibrated": bins.tolist()}}}
 
     monkeypatch.setattr(ablation, "run_train", run_train)

@@ -1,5 +1,5 @@
-"""Temperature scaling and expected calibration error, from the sums workers all-reduce; and a bundle's
-temperature reaching every probability the predictor returns."""
+"""Temperature scaling, the late-fusion image share and expected calibration error, from the sums workers
+all-reduce; and a bundle's temperature and share reaching every probability the predictor returns."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from raypipe import calibration, schema
 from raypipe.bundle import Bundle, BundleError, load_bundle, save_bundle
 from raypipe.config import StorageConfig
-from raypipe.model import FusionClassifier, ModelConfig
+from raypipe.model import FusionClassifier, ModelConfig, late_sum
 from raypipe.pipeline.predict import BundlePredictor
 from raypipe.transforms.image import ImageOptions
 from raypipe.transforms.text import TextOptions
@@ -55,6 +55,58 @@ def test_sums_over_shards_equal_the_sums_over_the_whole_split():
     torch.testing.assert_close(halves[0][1] + halves[1][1], whole[1])
 
 
+def two_branches(image_noise: float, n: int = 3000, classes: int = 6, seed: int = 3):
+    """A text branch that is right most of the time and an image branch whose logits carry the same signal
+    plus confident noise of scale ``image_noise``, as a CNN that memorised its training set looks on new data."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=generator)
+    signal = torch.nn.functional.one_hot(labels, classes).double() * 2.0
+    text = signal + torch.randn(n, classes, generator=generator, dtype=torch.float64)
+    image = signal + image_noise * torch.randn(n, classes, generator=generator, dtype=torch.float64)
+    return image, text, labels
+
+
+def fitted_shares(image, text, labels, batch: int = 256) -> dict:
+    nll, bins = calibration.empty_sums(len(calibration.IMAGE_SHARES))
+    for start in range(0, len(labels), batch):
+        end = start + batch
+        calibration.accumulate(nll, bins, calibration.share_logits(image[start:end], text[start:end]), labels[start:end])
+    return calibration.fit(nll, bins)
+
+
+def accuracy(logits, labels) -> float:
+    return float((logits.argmax(1) == labels).double().mean())
+
+
+def test_a_noisy_image_branch_is_weighted_down_and_the_fused_accuracy_does_not_fall_below_the_text_branch():
+    image, text, labels = two_branches(image_noise=4.0)
+    assert accuracy(image + text, labels) < accuracy(text, labels)  # the plain sum loses to text alone
+    fitted = fitted_shares(image, text, labels)
+    assert fitted["image_share"] < 0.3 and fitted["accuracy_plain_sum"] == pytest.approx(accuracy(image + text, labels))
+    fused = accuracy(late_sum(image, text, fitted["image_share"]), labels)
+    assert fused >= accuracy(text, labels) - 0.005 and fused > accuracy(image + text, labels) + 0.02
+
+
+def test_two_equally_good_branches_keep_an_even_share_and_an_useless_one_is_weighted_out():
+    image, text, labels = two_branches(image_noise=1.0, seed=4)
+    assert fitted_shares(image, text, labels)["image_share"] == pytest.approx(0.5, abs=0.1)
+    noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 3
+    assert fitted_shares(noise, text, labels)["image_share"] <= 0.05
+
+
+def test_a_model_without_late_fusion_fits_only_a_temperature():
+    logits, labels = overconfident(n=500, seed=6)
+    assert calibration.fit(*sums_of(logits, labels))["image_share"] is None
+
+
+def test_the_grid_in_chunks_gives_the_same_sums_as_at_once(monkeypatch):
+    """Many classes make calibration.accumulate step through the temperatures a few at a time."""
+    image, text, labels = two_branches(image_noise=2.0, n=200)
+    whole = fitted_shares(image, text, labels, batch=200)
+    monkeypatch.setattr(calibration, "CHUNK_ELEMENTS", 200 * 6 * 7)  # 7 temperatures per step: a ragged last step
+    assert fitted_shares(image, text, labels, batch=200) == whole
+
+
 def test_expected_calibration_error_by_hand():
     confidence = torch.tensor([0.95, 0.95, 0.95, 0.95, 0.55, 0.55])
     correct = torch.tensor([True, True, True, False, True, False])
@@ -64,6 +116,30 @@ def test_expected_calibration_error_by_hand():
     assert calibration.expected_calibration_error(bins) == pytest.approx((0.2 * 4 + 0.05 * 2) / 6)
     assert calibration.bin_sums(torch.tensor([1.0]), torch.tensor([True]))[14, 0] == 1  # 1.0 is in the last bin
     assert calibration.reliability(bins)["accuracy"] == pytest.approx([0.5, 0.75])
+    stacked = calibration.bin_sums(torch.stack([confidence, confidence.flip(0)]), torch.stack([correct, correct]))
+    torch.testing.assert_close(stacked[0], bins)  # leading dimensions are bin-summed independently
+    torch.testing.assert_close(stacked[1], calibration.bin_sums(confidence.flip(0), correct))
+
+
+def test_a_late_fusion_model_weights_its_branches_by_the_image_share_and_the_bundle_keeps_it(tmp_path):
+    config = ModelConfig(num_classes=3, vocab_size=10, image_size=16, conv_channels=(4,), embed_dim=8, lstm_hidden=8,
+                         fusion_head="sum", aux_heads=True, image_share=0.2)
+    model = FusionClassifier(config).eval()
+    image = torch.randint(0, 255, (5, 16, 16, 3), dtype=torch.uint8)
+    tokens = torch.randint(1, 10, (5, 4))
+    with torch.no_grad():
+        image_logits, text_logits = model.branch_logits(image, tokens)
+        torch.testing.assert_close(model(image, tokens), 0.4 * image_logits + 1.6 * text_logits)
+        shared = calibration.share_logits(image_logits, text_logits)
+        torch.testing.assert_close(shared[calibration.AS_TRAINED].float(), image_logits + text_logits)
+        torch.testing.assert_close(shared[4].float(), model(image, tokens))  # share 0.2 is the grid's fifth
+    url = str(tmp_path / "bundle")
+    save_bundle(url, StorageConfig(), Bundle(config, ImageOptions(size=16), TextOptions(max_len=4),
+                                             Vocabulary(("<pad>", "<unk>", *(f"w{i}" for i in range(8)))),
+                                             ("a", "b", "c"), model.state_dict(), {}))
+    assert load_bundle(url, StorageConfig()).build_model().config.image_share == 0.2
+    with pytest.raises(ValueError, match="image_share"):
+        ModelConfig(num_classes=3, vocab_size=10, image_share=1.5)
 
 
 def test_the_predictor_returns_probabilities_at_the_bundles_temperature(tmp_path):

@@ -67,7 +67,7 @@ def trained_bundle(sample_rows, tmp_path_factory) -> str:
     try:
         for _ in range(300):
             i = torch.randint(0, len(labels), (64,), generator=draw)
-            train_step(model, optimizer, scaler, loss_fn, images[i], tokens[i], labels[i], 0.0, None)
+            train_step(model, optimizer, scaler, loss_fn, images[i], tokens[i], labels[i], (1.0, 0.0), None)
     finally:
         torch.set_flush_denormal(False)
     url = str(tmp_path_factory.mktemp("precision") / "bundle")
@@ -147,7 +147,7 @@ def test_autocast_training_step_learns_and_checkpoints_fp32_weights(device, tmp_
     images = torch.randint(0, 256, (32, 32, 32, 3), dtype=torch.uint8, device=device)
     tokens = torch.randint(2, 50, (32, 16), device=device)
     labels = tokens[:, 0] % len(CLASSES)  # learnable from the first word
-    losses = [float(train_step(model, optimizer, scaler, torch.nn.CrossEntropyLoss(), images, tokens, labels, 0.0,
+    losses = [float(train_step(model, optimizer, scaler, torch.nn.CrossEntropyLoss(), images, tokens, labels, (1.0, 0.0),
                                dtype)) for _ in range(80)]
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
 

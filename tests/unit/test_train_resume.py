@@ -72,7 +72,7 @@ def test_a_checkpoint_round_trip_restores_model_optimizer_scaler_progress_and_ge
     scaler = torch.amp.GradScaler("cpu", enabled=True)  # on, so that it has a state to save
     images = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8)
     tokens, labels = torch.randint(2, 20, (4, 6)), torch.tensor([0, 1, 2, 0])
-    train_step(model, optimizer, scaler, torch.nn.CrossEntropyLoss(), images, tokens, labels, 0.1, None)
+    train_step(model, optimizer, scaler, torch.nn.CrossEntropyLoss(), images, tokens, labels, (1.0, 0.1), None)
     augmenter = torch.Generator().manual_seed(7)
     torch.rand(3, generator=augmenter)
     progress = {**new_progress(), "steps": 1, "in_epoch": {"epoch": 0, "steps": 1, "rows": 4, "loss_sum": 4.4,

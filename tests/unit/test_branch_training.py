@@ -1,0 +1,106 @@
+"""Late fusion with separately trained branches (optim.branch_training): which losses train what, and which
+epochs' weights are kept."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from raypipe.config import OptimSection
+from raypipe.model import BRANCH_KEYS, FusionClassifier, ModelConfig
+from raypipe.pipeline.train import (
+    LoopConfig,
+    WorkerState,
+    loss_weights,
+    new_progress,
+    record,
+    train_step,
+)
+
+SMALL = dict(num_classes=4, vocab_size=30, image_size=16, conv_channels=(4,), embed_dim=8, lstm_hidden=8,
+             fc_dims=(8,), dropout=0.0)
+
+
+@pytest.mark.parametrize(("model", "optim", "weights"), [
+    (dict(fusion_head="sum"), dict(branch_training="separate"), (0.0, 1.0)),
+    (dict(fusion_head="sum", aux_heads=True), dict(branch_training="joint", aux_loss_weight=0.3), (1.0, 0.3)),
+    (dict(fusion_head="sum", aux_heads=False), dict(branch_training="joint"), (1.0, 0.0)),
+    (dict(fusion_head="mlp", aux_heads=True), dict(branch_training="separate", aux_loss_weight=0.3), (1.0, 0.3)),
+    (dict(fusion_head="sum", aux_heads=True, mode="text"), dict(branch_training="separate"), (1.0, 0.0)),
+])
+def test_loss_weights_per_head_and_branch_training(model, optim, weights):
+    assert loss_weights(ModelConfig(**SMALL, **model), OptimSection(**optim)) == weights
+
+
+def image_branch_after_a_step(model: FusionClassifier, weights, images, tokens, labels) -> dict:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    train_step(model, optimizer, scaler, torch.nn.CrossEntropyLoss(), images, tokens, labels, weights, None)
+    return {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("image.", "branch_heads.0."))}
+
+
+@pytest.mark.parametrize("branch_training", ["separate", "joint"])
+def test_separately_trained_branches_do_not_learn_from_each_other(branch_training):
+    """A different text branch leaves the image branch's update unchanged when the branches train
+    separately, and changes it when they train jointly (the fused loss couples them)."""
+    torch.manual_seed(0)
+    config = ModelConfig(**SMALL, fusion_head="sum", aux_heads=True)
+    weights = loss_weights(config, OptimSection(branch_training=branch_training))
+    images = torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8)
+    tokens = torch.randint(1, 30, (8, 5))
+    labels = torch.arange(8) % 4
+    model = FusionClassifier(config).train()
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.branch_heads[1][-1].weight.mul_(50)  # a confident text classifier
+    ours = image_branch_after_a_step(model, weights, images, tokens, labels)
+    theirs = image_branch_after_a_step(other, weights, images, tokens, labels)
+    same = all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert same == (branch_training == "separate")
+
+
+def worker(branch_training: str, patience: int = 3) -> WorkerState:
+    model_config = ModelConfig(**SMALL, fusion_head="sum")
+    loop = LoopConfig(model=model_config, optim=OptimSection(branch_training=branch_training,
+                                                             early_stopping_patience=patience),
+                      amp=False, torch_threads=None, class_weights=None, train_rows=None, progress_interval_s=60,
+                      tensorboard=None, checkpoint_every_steps=None, mlflow=None)
+    model = FusionClassifier(model_config)
+    return WorkerState(loop, 0, 1, torch.device("cpu"), model, model, torch.optim.SGD(model.parameters(), lr=0.1),
+                       new_progress(), None, None)
+
+
+def epoch(state: WorkerState, number: int, image: float, text: float, fused: float) -> tuple[bool, bool]:
+    """Records an epoch whose weights are all ``number`` and whose validation accuracies are given."""
+    with torch.no_grad():
+        for p in state.raw_model.parameters():
+            p.fill_(number)
+    return record(state, {"epoch": number, "val_accuracy": fused, "val_accuracy_image": image,
+                          "val_accuracy_text": text})
+
+
+def test_separately_trained_branches_keep_each_its_best_epoch_and_stop_when_neither_improves():
+    state = worker("separate", patience=3)
+    assert epoch(state, 1, image=0.3, text=0.5, fused=0.5) == (True, False)
+    assert epoch(state, 2, image=0.4, text=0.9, fused=0.8) == (True, False)  # text's best
+    assert epoch(state, 3, image=0.5, text=0.8, fused=0.7) == (True, False)
+    assert epoch(state, 4, image=0.6, text=0.7, fused=0.7) == (True, False)  # image's best
+    assert epoch(state, 5, image=0.6, text=0.7, fused=0.9) == (False, False)  # a better sum changes nothing
+    assert epoch(state, 6, image=0.5, text=0.6, fused=0.6) == (False, False)
+    assert epoch(state, 7, image=0.5, text=0.6, fused=0.6) == (False, True)  # 3 epochs since image's best
+    assert {b: best["epoch"] for b, best in state.progress["best_branches"].items()} == {"image": 4, "text": 2}
+    kept = state.best_state
+    assert set(kept) == set(state.raw_model.state_dict())  # the two branches make up the whole model
+    for key, value in kept.items():
+        assert torch.all(value == (4 if key.startswith(BRANCH_KEYS["image"]) else 2)), key
+
+
+def test_jointly_trained_branches_keep_the_best_epoch_of_the_fused_model():
+    state = worker("joint", patience=2)
+    epoch(state, 1, image=0.3, text=0.9, fused=0.5)
+    epoch(state, 2, image=0.6, text=0.2, fused=0.7)
+    assert epoch(state, 3, image=0.9, text=0.9, fused=0.6) == (False, False)
+    assert epoch(state, 4, image=0.9, text=0.9, fused=0.6) == (False, True)
+    assert state.progress["best_epoch"] == 2 and all(torch.all(v == 2) for v in state.best_state.values())
