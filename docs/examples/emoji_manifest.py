@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the pictures are extracted (default: emoji-images/ beside the manifest)")
     p.add_argument("--keep-group-words", action="store_true",
                    help="keep keywords that are a group's name (animal, food ...) in the texts")
+    p.add_argument("--text-with-subcategory", action="store_true",
+                   help="append the emoji's subcategory to its text (\"...; face smiling\"): a set on which text "
+                        "nearly states the label, for trying fusion where text is far stronger than image")
     args = p.parse_args(argv)
 
     google_tgz = tarball(args.packages, *GOOGLE)
@@ -231,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                 pictures[member.name[len(IMAGE_DIR):]] = tar.extractfile(member).read()
 
     rows, skipped, counts = build_rows(emoji, cldr, groups, pictures, args.keep_group_words)
+    if args.text_with_subcategory:
+        for row in rows:
+            row["text"] += "; " + row["subcategory"].replace("-", " ")
 
     output = args.output.absolute()
     images = (args.images or output.parent / "emoji-images").absolute()

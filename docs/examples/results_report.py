@@ -128,7 +128,7 @@ def generated_block(dataset: str, work: Path, images_link: str) -> str:
                  + (", ".join(f"`{c}`" for c in changed) if changed else "none (the default recipe)") + ".")
     lines.append("")
     lines.append("Mean ± sample standard deviation over the seeds (the same split for every run; a seed changes "
-                 "initialisation and shuffling). Every choice (epoch kept, temperature) was made on validation; "
+                 "initialisation and shuffling). Every choice (epochs kept, temperature, image share) was made on validation; "
                  "test was read once per run, after training. ECE: expected calibration error of the top-1 "
                  "probability, 15 bins, mean over the seeds. Linear baselines: one fit, C by 5-fold "
                  "cross-validation on the training split.")
