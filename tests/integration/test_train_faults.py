@@ -33,6 +33,7 @@ from waiting import wait_until
 
 from raypipe.bundle import load_bundle
 from raypipe.config import StorageConfig, TrainConfig, load_config
+from raypipe.model import BRANCH_KEYS
 from raypipe.pipeline.train import BUNDLE_DIR, CKPT_PROGRESS, run_train
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -233,9 +234,11 @@ def test_a_worker_failing_inside_an_epoch_goes_on_from_the_step_checkpoint(ray_c
     # Each epoch trained as many rows as the training split has: epoch 1 neither started over nor
     # trained its first 128 rows twice.
     assert [(h["epoch"], h["train_rows"]) for h in history] == [(1, train_rows), (2, train_rows)]
-    # Step checkpoints carry the best epoch's weights along and are never taken for an epoch.
-    accuracies = [h["val_accuracy"] for h in history]
-    assert result["best_epoch"] == 1 + accuracies.index(max(accuracies))
-    # num_to_keep=2 holds for step checkpoints too; the newest, which the bundle comes from, ends epoch 2.
+    # Step checkpoints carry each branch's best epoch along (the default trains the branches separately)
+    # and are never taken for an epoch.
+    best = {branch: 1 + max(range(2), key=lambda e: (history[e][f"val_accuracy_{branch}"], -e)) for branch in BRANCH_KEYS}
+    assert result["best"]["branch_epochs"] == best and result["best_epoch"] == max(best.values())
+    # num_to_keep=2 holds for step checkpoints too; the newest, which the bundle comes from, is the model of
+    # the best branches, after epoch 2.
     kept = sorted(path.split("/")[-2] for path in _list(f"{storage}/{name}") if path.endswith(f"/{CKPT_PROGRESS}"))
-    assert len(kept) == 2 and kept[-1] == f"checkpoint_epoch0002_step{2 * steps_per_epoch:08d}_end"
+    assert kept == [f"checkpoint_epoch0002_step{2 * steps_per_epoch:08d}_end{suffix}" for suffix in ("", "_assembled")]
