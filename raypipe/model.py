@@ -149,15 +149,14 @@ class FusionClassifier(nn.Module):
         self.image = ImageCNN(config) if config.mode in ("fusion", "image") else None
         self.text = TextLSTMAttention(config) if config.mode in ("fusion", "text") else None
         branches = [branch for branch in (self.image, self.text) if branch is not None]
-        self.late = config.late_fusion
-        self.head = None if self.late else self._mlp(sum(branch.out_dim for branch in branches), config)
+        self.head = None if config.late_fusion else self._mlp(sum(branch.out_dim for branch in branches), config)
         # One classifier per branch, the head a one-branch model has. With fusion_head "sum" their logits
         # are added to make the prediction (late fusion); trained separately (optim.branch_training), each
         # branch learns as if alone; with aux_heads each also has its own loss beside a joint one (Wang et
         # al. 2020, "What makes training multi-modal classification networks hard?"); without "sum" they
         # are used in training only.
         self.branch_heads = None
-        if config.mode == "fusion" and (config.aux_heads or self.late):
+        if config.mode == "fusion" and (config.aux_heads or config.late_fusion):
             self.branch_heads = nn.ModuleList(self._mlp(branch.out_dim, config) for branch in branches)
         self.apply(_init_weights)
         # Near-zero logits at the start: the initial loss is ln(num_classes), not a confident guess.
@@ -200,11 +199,11 @@ class FusionClassifier(nn.Module):
         """(logits [B, C], per-branch logits [B, C] each: empty for a one-branch model)."""
         branch_logits = [head(f) for head, f in zip(self.branch_heads or [], features)]
         if self.training and self.config.modality_dropout > 0 and len(features) == 2:
-            if self.late:  # features and logits alike: a dropped branch adds nothing to the sum
+            if self.config.late_fusion:  # features and logits alike: a dropped branch adds nothing to the sum
                 branch_logits = self._drop_one_branch(*branch_logits)
             else:
                 features = self._drop_one_branch(*features)
-        if self.late:
+        if self.config.late_fusion:
             return late_sum(*branch_logits, self.config.image_share), branch_logits
         return self.head(torch.cat(features, dim=1)), branch_logits
 

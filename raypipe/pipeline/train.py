@@ -561,19 +561,19 @@ def validate(state: WorkerState, shard) -> tuple[torch.Tensor, torch.Tensor, dic
     the temperature), the second scores the model at that share."""
     n = state.loop.model.num_classes
     state.model.eval()
-    late, share = state.raw_model.late, None
+    late, fitted = state.loop.model.late_fusion, None
     nll, bins = calibration.empty_sums(len(calibration.IMAGE_SHARES) if late else 1, state.device)
     if late:
         for image, tokens, labels in _validation_batches(state, shard):
             calibration.accumulate(nll, bins, calibration.share_logits(*state.raw_model.branch_logits(image, tokens)),
                                    labels)
         _all_reduce(nll, bins)
-        share = calibration.fit(nll, bins)["image_share"]
+        fitted = calibration.fit(nll, bins)
     sums = torch.zeros(2, dtype=torch.float64, device=state.device)
     confusion = torch.zeros(n, n, dtype=torch.int64, device=state.device)
     for image, tokens, labels in _validation_batches(state, shard):
         if late:
-            logits = late_sum(*state.raw_model.branch_logits(image, tokens), share).float()
+            logits = late_sum(*state.raw_model.branch_logits(image, tokens), fitted["image_share"]).float()
         else:
             logits = state.model(image, tokens).float()
             calibration.accumulate(nll, bins, logits, labels)
@@ -582,8 +582,11 @@ def validate(state: WorkerState, shard) -> tuple[torch.Tensor, torch.Tensor, dic
             dtype=torch.float64, device=state.device,
         )
         confusion += torch.bincount(labels * n + logits.argmax(1), minlength=n * n).view(n, n)
-    _all_reduce(sums, confusion, *([] if late else [nll, bins]))
-    return sums, confusion, calibration.fit(nll, bins)
+    if not late:
+        _all_reduce(nll, bins)
+        fitted = calibration.fit(nll, bins)
+    _all_reduce(sums, confusion)
+    return sums, confusion, fitted
 
 
 def _validation_batches(state: WorkerState, shard):
@@ -664,14 +667,13 @@ def assemble_best_branches(state: WorkerState, val_shard) -> None:
         **validation_metrics(*validate(state, val_shard)),
     }
     state.raw_model.load_state_dict(last)
-    progress["best_epoch"] = max(progress["assembled"]["branch_epochs"].values())
-    progress["best_val_accuracy"] = progress["assembled"]["val_accuracy"]
+    chosen = progress["assembled"]
+    progress["best_epoch"] = max(chosen["branch_epochs"].values())
     if state.rank == 0:
-        chosen = progress["assembled"]
         say(f"best branches: image epoch {chosen['branch_epochs']['image']}, text epoch "
             f"{chosen['branch_epochs']['text']}; image share {chosen['image_share']}: val_acc "
             f"{chosen['val_accuracy']:.4f}  macro_f1 {chosen['val_macro_f1']:.4f}")
-    _report_checkpoint(state, {"epoch": progress["epoch"], "val_accuracy": progress["assembled"]["val_accuracy"]}, progress,
+    _report_checkpoint(state, {"epoch": progress["epoch"], "val_accuracy": chosen["val_accuracy"]}, progress,
                        checkpoint_name(progress["epoch"], progress["steps"], True) + "_assembled")
 
 
