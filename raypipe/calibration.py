@@ -91,7 +91,8 @@ def fit(nll: torch.Tensor, bins: torch.Tensor) -> dict:
     share, t = divmod(int(torch.argmin(nll)), nll.shape[1])
     rows = float(bins[share, UNSCALED, :, 0].sum())
     return {
-        "temperature": round(float(TEMPERATURES[t]), 4),
+        # Not rounded: the bundle divides by it, and a rounded temperature moves confidences across ECE bins.
+        "temperature": float(TEMPERATURES[t]),
         "image_share": round(float(IMAGE_SHARES[share]), 2) if late else None,
         "nll": round(float(nll[share, UNSCALED]) / max(rows, 1), 4),
         "nll_calibrated": round(float(nll[share, t]) / max(rows, 1), 4),

@@ -39,6 +39,9 @@ def test_the_fitted_temperature_undoes_overconfidence_and_lowers_the_error():
     assert fitted["temperature"] == pytest.approx(3.0, rel=0.1)
     assert fitted["nll_calibrated"] < fitted["nll"] and fitted["rows"] == 4000
     assert fitted["ece"] > 0.15 and fitted["ece_calibrated"] < 0.03
+    # The grid's temperature itself, unrounded: "ece_calibrated" was measured with it, and evaluate's ECE
+    # with the bundle's temperature matches only if that is the same number.
+    assert fitted["temperature"] in calibration.TEMPERATURES.tolist()
 
 
 def test_a_calibrated_model_keeps_a_temperature_near_one():
