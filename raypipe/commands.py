@@ -55,6 +55,10 @@ def _evaluate(cfg: EvaluateConfig) -> dict:
     result = run_evaluate(cfg)
     print(f"{result['split']} split, {result['rows']} rows: accuracy {result['accuracy']:.4f}, "
           f"macro-F1 {result['macro_f1']:.4f} -> {result['output']}")
+    calibrated = result["calibration"]
+    print(f"calibration: ECE {calibrated['ece']:.4f} at the bundle's temperature {calibrated['temperature']:.3g} "
+          f"({calibrated['ece_uncalibrated']:.4f} at 1); a perfectly calibrated model would show "
+          f"{calibrated['ece_if_calibrated']:.4f} on these rows from sampling alone")
     for name, row in result["per_class"].items():
         print(f"  {name:>16}  precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
               f"f1 {row['f1']:.3f}  support {int(row['support'])}")

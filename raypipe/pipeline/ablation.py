@@ -44,7 +44,7 @@ def evaluated_metrics(split: str) -> tuple[str, ...]:
     if split == "none":
         return ()
     scores = () if split == "val" else (f"{split}_accuracy", f"{split}_macro_f1")
-    return (*scores, f"{split}_ece_uncalibrated", f"{split}_ece")
+    return (*scores, f"{split}_ece_uncalibrated", f"{split}_ece", f"{split}_ece_if_calibrated")
 
 
 def _prepared_once(cfg: AblationConfig) -> str:
@@ -87,7 +87,8 @@ def aggregate(runs: list[dict], metrics: tuple[str, ...]) -> list[dict]:
 
 def _heading(metric: str) -> str:
     split, _, name = metric.partition("_")
-    names = {"accuracy": "accuracy", "macro_f1": "macro-F1", "ece": "ECE", "ece_uncalibrated": "ECE at T=1"}
+    names = {"accuracy": "accuracy", "macro_f1": "macro-F1", "ece": "ECE", "ece_uncalibrated": "ECE at T=1",
+             "ece_if_calibrated": "ECE of a calibrated model"}
     return f"{split} {names[name]}"
 
 
@@ -130,7 +131,8 @@ def evaluate_run(cfg: AblationConfig, prepared: str, run: dict, output: rfs.Loca
         output=output.join("evaluation", run["name"]).url,
     ))
     figures = {f"{split}_ece": result["calibration"]["ece"],
-               f"{split}_ece_uncalibrated": result["calibration"]["ece_uncalibrated"]}
+               f"{split}_ece_uncalibrated": result["calibration"]["ece_uncalibrated"],
+               f"{split}_ece_if_calibrated": result["calibration"]["ece_if_calibrated"]}
     if split != "val":
         figures.update({f"{split}_accuracy": result["accuracy"], f"{split}_macro_f1": result["macro_f1"]})
     return {**figures, "temperature": result["calibration"]["temperature"],
@@ -156,7 +158,8 @@ def fusion_plots(cfg: AblationConfig, runs: list[dict], output: rfs.Location) ->
     rfs.write_bytes(output.join("ablation_calibration.png"),
                     plots.reliability_diagram(curves, f"fusion, {split} split ({what})"))
     return {"classes": fusion[0]["classes"], "confusion": confusion.tolist(), "runs": len(fusion),
-            "ece_uncalibrated": round(ece["uncalibrated"], 4), "ece": round(ece["calibrated"], 4)}
+            "ece_uncalibrated": round(ece["uncalibrated"], 4), "ece": round(ece["calibrated"], 4),
+            "ece_if_calibrated": round(calibration.ece_if_calibrated(bins["calibrated"]), 4)}
 
 
 def run_ablation(cfg: AblationConfig) -> dict:

@@ -97,6 +97,7 @@ def test_two_workers_checkpoint_to_s3_resume_and_evaluate(prepared, bucket, tmp_
     stats = json.loads((Path(prepared) / "stats.json").read_text())
     assert result["split"] == "test" and result["rows"] == stats["ok_by_split"]["test"]  # the held-out rows
     assert result["calibration"]["temperature"] == bundle.temperature
+    assert 0 < result["calibration"]["ece_if_calibrated"] < 0.5  # the sampling floor of ~50 rows
     out = resolve(result["output"], StorageConfig())
     assert json.loads(out.fs.open_input_stream(f"{out.path}/metrics.json").read())["rows"] == result["rows"]
     for picture in ("confusion_matrix.png", "calibration.png"):

@@ -43,6 +43,7 @@ def trained(monkeypatch):
         return {"accuracy": 0.8 + 0.01 * seed, "macro_f1": 0.75, "confusion": [[3, 1], [0, 4]],
                 "per_class": {"cat": {}, "dog": {}},
                 "calibration": {"temperature": 1.5, "image_share": 0.45, "ece": 0.02, "ece_uncalibrated": 0.1,
+                                "ece_if_calibrated": 0.05,
                                 "bin_sums": {"calibrated": bins.tolist(), "uncalibrated": bins.tolist()}}}
 
     monkeypatch.setattr(ablation, "run_train", run_train)
@@ -73,8 +74,8 @@ def test_every_run_is_evaluated_on_test_after_training_and_the_table_reports_it(
     assert [c.bundle for c in evaluations] == [f"{tmp_path}/abl-{m}/bundle" for m in ("text", "fusion")]
     assert {c.which_split for c in evaluations} == {"test"}
     assert summary["table"].splitlines()[0] == (
-        "| mode | best epoch | val accuracy | val macro-F1 | test accuracy | test macro-F1 | test ECE at T=1 | test ECE |")
-    assert "| fusion | 3 | 0.8500 | 0.8000 | 0.8000 | 0.7500 | 0.1000 | 0.0200 |" in summary["table"]
+        "| mode | best epoch | val accuracy | val macro-F1 | test accuracy | test macro-F1 | test ECE at T=1 | test ECE | test ECE of a calibrated model |")
+    assert "| fusion | 3 | 0.8500 | 0.8000 | 0.8000 | 0.7500 | 0.1000 | 0.0200 | 0.0500 |" in summary["table"]
     assert summary["fusion"]["ece"] == pytest.approx(abs(6.5 - 7) / 8)  # from the bins: |3.9+2.6 - (4+3)| / 8 rows
 
 

@@ -110,6 +110,24 @@ def test_the_grid_in_chunks_gives_the_same_sums_as_at_once(monkeypatch):
     assert fitted_shares(image, text, labels, batch=200) == whole
 
 
+def test_the_ece_floor_is_what_a_perfectly_calibrated_model_shows_on_so_few_rows():
+    """Labels drawn from the model's own probabilities: calibrated by construction, yet its ECE on 100 rows is
+    far from 0, as ece_if_calibrated predicts; on 10,000 rows both shrink ~10x."""
+    generator = torch.Generator().manual_seed(0)
+    for rows, floor_range in ((100, (0.07, 0.16)), (10_000, (0.005, 0.02))):
+        confidence = 0.3 + 0.65 * torch.rand(rows, generator=generator, dtype=torch.float64)
+        measured = []
+        for _ in range(200 if rows == 100 else 20):
+            correct = torch.rand(rows, generator=generator, dtype=torch.float64) < confidence
+            measured.append(calibration.expected_calibration_error(calibration.bin_sums(confidence, correct)))
+        floor = calibration.ece_if_calibrated(calibration.bin_sums(confidence, correct))
+        assert floor_range[0] < floor < floor_range[1]
+        assert float(np.mean(measured)) == pytest.approx(floor, rel=0.15)
+    # A bin of one sure row (confidence 1) adds nothing; no rows, no floor.
+    assert calibration.ece_if_calibrated(calibration.bin_sums(torch.tensor([1.0]), torch.tensor([True]))) == pytest.approx(0, abs=1e-9)
+    assert calibration.ece_if_calibrated(torch.zeros(calibration.ECE_BINS, 3)) == 0
+
+
 def test_expected_calibration_error_by_hand():
     confidence = torch.tensor([0.95, 0.95, 0.95, 0.95, 0.55, 0.55])
     correct = torch.tensor([True, True, True, False, True, False])
