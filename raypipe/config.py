@@ -463,7 +463,10 @@ class OptimSection(Section):
         100, ge=1, description="Maximum epochs (the paper: 100); early stopping (early_stopping_patience) usually "
         "ends a run well before."
     )
-    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay (L2).")
+    weight_decay: float = Field(
+        0.0005, ge=0, description="Adam weight decay (L2 on every weight; raypipe's recipe: 0.0005, chosen on "
+        "validation, docs/results.md; the paper has none: 0)."
+    )
     early_stopping_patience: int | None = Field(
         10, ge=1, description="Stop after this many epochs without a better validation accuracy (null: never; the "
         "weights of the best validation epoch are kept either way)."
