@@ -428,6 +428,9 @@ class ModelSection(Section):
     lstm_hidden: int = Field(128, ge=1, description="LSTM hidden size (per direction).")
     lstm_layers: int = Field(1, ge=1, le=4, description="Stacked LSTM layers.")
     bidirectional: bool = Field(False, description="Bidirectional LSTM.")
+    embed_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Dropout on the word embeddings, the LSTM's input (a departure; the paper: 0)."
+    )
     fc_dims: list[int] = Field(
         [256],
         description="Hidden sizes of the fully connected layers of every classifier head: the image-only and "

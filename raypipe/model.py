@@ -41,6 +41,7 @@ class ModelConfig:
     lstm_hidden: int = 128  # per direction
     lstm_layers: int = 1
     bidirectional: bool = False
+    embed_dropout: float = 0.0  # dropout on the word embeddings, the LSTM's input (a departure; the paper has none)
     fc_dims: tuple[int, ...] = (256,)  # hidden FC layers after the concatenation
     dropout: float = 0.5  # before each FC layer
     modality_dropout: float = 0.0  # fusion, training only: share of samples that lose one branch (a departure)
@@ -56,8 +57,8 @@ class ModelConfig:
             raise ValueError(f"image_pool must be flatten or avg and fusion_head mlp or sum, got {self}")
         if not 0.0 <= self.image_share <= 1.0:
             raise ValueError(f"image_share must be in [0, 1], got {self.image_share}")
-        if not 0.0 <= self.modality_dropout < 1.0:
-            raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
+        if not (0.0 <= self.modality_dropout < 1.0 and 0.0 <= self.embed_dropout < 1.0):
+            raise ValueError(f"modality_dropout and embed_dropout must be in [0, 1), got {self}")
         if self.num_classes < 1 or self.vocab_size < 2 or not self.conv_channels:
             raise ValueError(f"need num_classes >= 1, vocab_size >= 2 and conv blocks: {self}")
         if self.image_size >> len(self.conv_channels) < 1:
@@ -115,6 +116,7 @@ class TextLSTMAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed = nn.Embedding(config.vocab_size, config.embed_dim, padding_idx=0)
+        self.embed_dropout = nn.Dropout(config.embed_dropout)
         self.lstm = nn.LSTM(
             config.embed_dim, config.lstm_hidden, num_layers=config.lstm_layers, batch_first=True,
             bidirectional=config.bidirectional, dropout=config.dropout if config.lstm_layers > 1 else 0.0,
@@ -129,7 +131,7 @@ class TextLSTMAttention(nn.Module):
         # Packing makes the LSTM stop at each text's end, so trailing padding cannot change its output.
         # Empty texts are run for one (padding) step to keep pack_padded_sequence happy; the mask drops it.
         packed = pack_padded_sequence(
-            self.embed(tokens), lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
+            self.embed_dropout(self.embed(tokens)), lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
         )
         h, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=L)  # [B, L, D]
         scores = self.attn_score(torch.tanh(self.attn_proj(h))).squeeze(-1)  # [B, L]

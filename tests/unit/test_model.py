@@ -170,9 +170,21 @@ def test_modality_dropout_zeroes_one_branch_of_some_samples_in_training_only():
     torch.testing.assert_close(model.eval()(images, tokens), reference.eval()(images, tokens))
 
 
-def test_modality_dropout_out_of_range_is_refused():
-    with pytest.raises(ValueError, match="modality_dropout"):
-        ModelConfig(num_classes=N, vocab_size=VOCAB, modality_dropout=1.0)
+@pytest.mark.parametrize("field", ["modality_dropout", "embed_dropout"])
+def test_dropout_out_of_range_is_refused(field):
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(num_classes=N, vocab_size=VOCAB, **{field: 1.0})
+
+
+def test_embedding_dropout_acts_in_training_only_and_keeps_the_weights_loadable():
+    text_only = dict(num_classes=N, vocab_size=VOCAB, mode="text", dropout=0.0, **SMALL)  # no other dropout
+    model = FusionClassifier(ModelConfig(embed_dropout=0.5, **text_only))
+    reference = FusionClassifier(ModelConfig(**text_only))
+    reference.load_state_dict(model.state_dict())  # dropout adds no weights: bundles load either way
+    _, tokens = make_batch()
+    torch.testing.assert_close(model.eval()(None, tokens), reference.eval()(None, tokens))
+    model.train(), reference.train()
+    assert not torch.allclose(model(None, tokens), reference(None, tokens))
 
 
 def test_aux_heads_train_each_branch_and_leave_predictions_to_the_fused_head():
