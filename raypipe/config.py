@@ -431,6 +431,11 @@ class ModelSection(Section):
     embed_dropout: float = Field(
         0.0, ge=0.0, lt=1.0, description="Dropout on the word embeddings, the LSTM's input (a departure; the paper: 0)."
     )
+    text_bag_of_words: bool = Field(
+        False,
+        description="The text features also hold the mean of the text's word embeddings beside the LSTM-attention "
+        "output, a bag-of-words path for texts that are lists of keywords (a departure; the paper: off).",
+    )
     fc_dims: list[int] = Field(
         [256],
         description="Hidden sizes of the fully connected layers of every classifier head: the image-only and "

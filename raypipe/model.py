@@ -2,6 +2,7 @@
 
     image uint8 [B, S, S, 3] -> ImageCNN (conv3x3 + ReLU + maxpool2 blocks, flatten or average) -> [B, F]
     tokens int  [B, L]       -> TextLSTMAttention (embed, LSTM, additive attention)           -> [B, D]
+                                (text_bag_of_words: also the mean word embedding, [B, E]; D includes it)
     fusion_head "mlp" (the paper): concat [B, F + D] -> (dropout, FC + ReLU)* -> dropout, FC -> logits [B, C]
     fusion_head "sum": (dropout, FC + ReLU)*, dropout, FC per branch (each as the one-branch models' head)
         -> 2 s image logits + 2 (1 - s) text logits -> logits [B, C]
@@ -42,6 +43,7 @@ class ModelConfig:
     lstm_layers: int = 1
     bidirectional: bool = False
     embed_dropout: float = 0.0  # dropout on the word embeddings, the LSTM's input (a departure; the paper has none)
+    text_bag_of_words: bool = False  # text features also hold the mean word embedding (a departure)
     fc_dims: tuple[int, ...] = (256,)  # hidden FC layers after the concatenation
     dropout: float = 0.5  # before each FC layer
     modality_dropout: float = 0.0  # fusion, training only: share of samples that lose one branch (a departure)
@@ -121,18 +123,19 @@ class TextLSTMAttention(nn.Module):
             config.embed_dim, config.lstm_hidden, num_layers=config.lstm_layers, batch_first=True,
             bidirectional=config.bidirectional, dropout=config.dropout if config.lstm_layers > 1 else 0.0,
         )
-        self.out_dim = config.lstm_hidden * (2 if config.bidirectional else 1)
-        self.attn_proj = nn.Linear(self.out_dim, self.out_dim)  # W, b
-        self.attn_score = nn.Linear(self.out_dim, 1, bias=False)  # v; a bias would cancel in the softmax
+        lstm_dim = config.lstm_hidden * (2 if config.bidirectional else 1)
+        self.attn_proj = nn.Linear(lstm_dim, lstm_dim)  # W, b
+        self.attn_score = nn.Linear(lstm_dim, 1, bias=False)  # v; a bias would cancel in the softmax
+        self.bag_of_words = config.text_bag_of_words
+        self.out_dim = lstm_dim + (config.embed_dim if self.bag_of_words else 0)
 
     def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         B, L = tokens.shape
         lengths = (tokens != 0).sum(1)  # [B]
         # Packing makes the LSTM stop at each text's end, so trailing padding cannot change its output.
         # Empty texts are run for one (padding) step to keep pack_padded_sequence happy; the mask drops it.
-        packed = pack_padded_sequence(
-            self.embed_dropout(self.embed(tokens)), lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
-        )
+        embedded = self.embed_dropout(self.embed(tokens))  # [B, L, E]
+        packed = pack_padded_sequence(embedded, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
         h, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=L)  # [B, L, D]
         scores = self.attn_score(torch.tanh(self.attn_proj(h))).squeeze(-1)  # [B, L]
         mask = torch.arange(L, device=tokens.device) < lengths[:, None]  # [B, L], True on real tokens
@@ -141,6 +144,11 @@ class TextLSTMAttention(nn.Module):
         scores = scores.float().masked_fill(~mask, torch.finfo(torch.float32).min)
         weights = F.softmax(scores, dim=1) * mask  # [B, L]
         features = torch.bmm(weights.unsqueeze(1).to(h.dtype), h).squeeze(1)  # [B, D]
+        if self.bag_of_words:
+            # Keyword-list texts (alt-text, tags) carry their class in which words occur, not in their
+            # order: a linear bag of words beats the LSTM on them. The mean embedding gives the head that path.
+            mean = (embedded * mask[..., None]).sum(1) / lengths.clamp(min=1)[:, None]  # [B, E]
+            features = torch.cat([features, mean.to(features.dtype)], 1)  # [B, D + E]
         return features, weights
 
 
@@ -268,7 +276,7 @@ def flops_per_sample(config: ModelConfig, seq_len: int = DEFAULT_SEQ_LEN) -> int
             macs += seq_len * directions * 4 * H * (in_dim + H)  # four gates, input + recurrent matmuls
             in_dim = directions * H
         macs += seq_len * (in_dim * in_dim + in_dim + in_dim)  # W h_t, v^T tanh(.), weighted sum
-        features.append(in_dim)
+        features.append(in_dim + (config.embed_dim if config.text_bag_of_words else 0))
     for in_dim in features if config.late_fusion else [sum(features)]:  # an mlp per branch, or one on the concat
         for dim in (*config.fc_dims, config.num_classes):
             macs += in_dim * dim

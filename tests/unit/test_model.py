@@ -66,9 +66,10 @@ def test_uint8_and_float_images_on_the_same_0_255_scale_agree():
     assert not torch.allclose(model(images, tokens), model(images.float() / 255, tokens))  # 0-1 input differs
 
 
-@pytest.mark.parametrize("bidirectional,layers", [(False, 1), (True, 2)])
-def test_trailing_padding_does_not_change_the_output(bidirectional, layers):
-    config = ModelConfig(num_classes=N, vocab_size=VOCAB, bidirectional=bidirectional, lstm_layers=layers, **SMALL)
+@pytest.mark.parametrize("bidirectional,layers,bag", [(False, 1, False), (True, 2, False), (False, 1, True)])
+def test_trailing_padding_does_not_change_the_output(bidirectional, layers, bag):
+    config = ModelConfig(num_classes=N, vocab_size=VOCAB, bidirectional=bidirectional, lstm_layers=layers,
+                         text_bag_of_words=bag, **SMALL)
     model = FusionClassifier(config).eval()
     images, tokens = make_batch(size=32)
     longer = torch.cat([tokens, torch.zeros(B, 9, dtype=tokens.dtype)], dim=1)
@@ -98,7 +99,9 @@ def test_a_small_batch_is_overfit(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("extras", [{}, dict(batch_norm=True, bidirectional=True, lstm_layers=2, fc_dims=(32, 16))])
+@pytest.mark.parametrize("extras", [
+    {}, dict(batch_norm=True, bidirectional=True, lstm_layers=2, fc_dims=(32, 16), text_bag_of_words=True)
+])
 def test_every_parameter_gets_a_gradient(mode, extras):
     config = ModelConfig(num_classes=N, vocab_size=VOCAB, mode=mode, **{**SMALL, **extras})
     model = FusionClassifier(config).train()
@@ -106,6 +109,20 @@ def test_every_parameter_gets_a_gradient(mode, extras):
     torch.nn.functional.cross_entropy(model(images, tokens), torch.arange(B) % N).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name  # DDP needs no find_unused_parameters
+
+
+def test_bag_of_words_features_are_the_mean_embedding_of_the_real_tokens():
+    config = ModelConfig(num_classes=N, vocab_size=VOCAB, mode="text", text_bag_of_words=True, **SMALL)
+    text = FusionClassifier(config).eval().text
+    _, tokens = make_batch()  # lengths 12, 7, 3, 1
+    features, _ = text(tokens)
+    lstm_dim = config.lstm_hidden
+    assert text.out_dim == lstm_dim + config.embed_dim and features.shape == (B, text.out_dim)
+    for row, n in enumerate([L, 7, 3, 1]):
+        torch.testing.assert_close(features[row, lstm_dim:], text.embed(tokens[row, :n]).mean(0))
+    assert (text(torch.zeros(1, L, dtype=tokens.dtype))[0] == 0).all()  # an empty text: zeros, not NaN
+    without = ModelConfig(num_classes=N, vocab_size=VOCAB, mode="text", **SMALL)
+    assert flops_per_sample(config) > flops_per_sample(without)  # a wider head
 
 
 def test_config_round_trips_through_json_and_rejects_unknown_keys():
