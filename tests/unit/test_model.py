@@ -200,7 +200,8 @@ def test_embedding_dropout_acts_in_training_only_and_keeps_the_weights_loadable(
     reference.load_state_dict(model.state_dict())  # dropout adds no weights: bundles load either way
     _, tokens = make_batch()
     torch.testing.assert_close(model.eval()(None, tokens), reference.eval()(None, tokens))
-    model.train(), reference.train()
+    model.train()
+    reference.train()
     assert not torch.allclose(model(None, tokens), reference(None, tokens))
 
 
