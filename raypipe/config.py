@@ -436,6 +436,12 @@ class ModelSection(Section):
         description="The text features also hold the mean of the text's word embeddings beside the LSTM-attention "
         "output, a bag-of-words path for texts that are lists of keywords (a departure; the paper: off).",
     )
+    text_linear: bool = Field(
+        False,
+        description="A linear classifier on which words the text holds (logistic regression on the L2-normalised "
+        "word-presence vector) learns beside the text head and adds its logits to the text's (wide and deep; a "
+        "departure; the paper: false).",
+    )
     fc_dims: list[int] = Field(
         [256],
         description="Hidden sizes of the fully connected layers of every classifier head: the image-only and "

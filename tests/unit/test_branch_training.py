@@ -61,8 +61,8 @@ def test_separately_trained_branches_do_not_learn_from_each_other(branch_trainin
     assert same == (branch_training == "separate")
 
 
-def worker(branch_training: str, patience: int = 3) -> WorkerState:
-    model_config = ModelConfig(**SMALL, fusion_head="sum")
+def worker(branch_training: str, patience: int = 3, **model) -> WorkerState:
+    model_config = ModelConfig(**SMALL, fusion_head="sum", **model)
     loop = LoopConfig(model=model_config, optim=OptimSection(branch_training=branch_training,
                                                              early_stopping_patience=patience),
                       amp=False, torch_threads=None, class_weights=None, train_rows=None, progress_interval_s=60,
@@ -81,8 +81,9 @@ def epoch(state: WorkerState, number: int, image: float, text: float, fused: flo
                           "val_accuracy_text": text})
 
 
-def test_separately_trained_branches_keep_each_its_best_epoch_and_stop_when_neither_improves():
-    state = worker("separate", patience=3)
+@pytest.mark.parametrize("text_linear", [False, True])
+def test_separately_trained_branches_keep_each_its_best_epoch_and_stop_when_neither_improves(text_linear):
+    state = worker("separate", patience=3, text_linear=text_linear)
     assert epoch(state, 1, image=0.3, text=0.5, fused=0.5) == (True, False)
     assert epoch(state, 2, image=0.4, text=0.9, fused=0.8) == (True, False)  # text's best
     assert epoch(state, 3, image=0.5, text=0.8, fused=0.7) == (True, False)

@@ -1,9 +1,17 @@
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from raypipe.model import MODES, FusionClassifier, ModelConfig, count_parameters, flops_per_sample
+from raypipe.model import (
+    MODES,
+    TEXT_LINEAR_SCALE,
+    FusionClassifier,
+    ModelConfig,
+    count_parameters,
+    flops_per_sample,
+)
 
 B, L, N, VOCAB = 4, 12, 5, 50
 # A small model for the tests that train or repeat forward passes; shape tests use the defaults.
@@ -69,7 +77,7 @@ def test_uint8_and_float_images_on_the_same_0_255_scale_agree():
 @pytest.mark.parametrize("bidirectional,layers,bag", [(False, 1, False), (True, 2, False), (False, 1, True)])
 def test_trailing_padding_does_not_change_the_output(bidirectional, layers, bag):
     config = ModelConfig(num_classes=N, vocab_size=VOCAB, bidirectional=bidirectional, lstm_layers=layers,
-                         text_bag_of_words=bag, **SMALL)
+                         text_bag_of_words=bag, text_linear=bag, **SMALL)
     model = FusionClassifier(config).eval()
     images, tokens = make_batch(size=32)
     longer = torch.cat([tokens, torch.zeros(B, 9, dtype=tokens.dtype)], dim=1)
@@ -100,7 +108,8 @@ def test_a_small_batch_is_overfit(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("extras", [
-    {}, dict(batch_norm=True, bidirectional=True, lstm_layers=2, fc_dims=(32, 16), text_bag_of_words=True)
+    {}, dict(batch_norm=True, bidirectional=True, lstm_layers=2, fc_dims=(32, 16), text_bag_of_words=True,
+             text_linear=True)
 ])
 def test_every_parameter_gets_a_gradient(mode, extras):
     config = ModelConfig(num_classes=N, vocab_size=VOCAB, mode=mode, **{**SMALL, **extras})
@@ -123,6 +132,31 @@ def test_bag_of_words_features_are_the_mean_embedding_of_the_real_tokens():
     assert (text(torch.zeros(1, L, dtype=tokens.dtype))[0] == 0).all()  # an empty text: zeros, not NaN
     without = ModelConfig(num_classes=N, vocab_size=VOCAB, mode="text", **SMALL)
     assert flops_per_sample(config) > flops_per_sample(without)  # a wider head
+
+
+@pytest.mark.parametrize("fusion_head", ["sum", "mlp"])
+@pytest.mark.parametrize("mode", ["text", "fusion"])
+def test_text_linear_adds_logistic_regression_on_the_distinct_words_to_the_text_logits(mode, fusion_head):
+    config = ModelConfig(num_classes=N, vocab_size=VOCAB, mode=mode, fusion_head=fusion_head, text_linear=True,
+                         **SMALL)
+    model = FusionClassifier(config).eval()
+    assert not model.text_linear.weight.any()  # zero at the start: the initial loss stays ln(num_classes)
+    with torch.no_grad():
+        model.text_linear.weight[1:].normal_()  # padding's row stays zero
+    images, tokens = make_batch(size=32)
+    tokens[0, :4] = torch.tensor([5, 9, 5, 5])  # repeats count once: row 0's words are 5, 9 and tokens[0, 4:]
+    expected = []
+    for row in tokens:
+        words = sorted({int(t) for t in row if t != 0})
+        expected.append(model.text_linear.weight[words].sum(0) * TEXT_LINEAR_SCALE / len(words) ** 0.5)
+    without = FusionClassifier(dataclasses.replace(config, text_linear=False)).eval()
+    without.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("text_linear.")})
+    with torch.no_grad():
+        added = model(images, tokens) - without(images, tokens)  # [B, C]
+        empty = model(images, torch.zeros_like(tokens)) - without(images, torch.zeros_like(tokens))
+    share = 2 * (1 - config.image_share) if mode == "fusion" and fusion_head == "sum" else 1  # text's share
+    torch.testing.assert_close(added, share * torch.stack(expected))
+    assert not empty.any()  # an empty text: no words, no logits
 
 
 def test_config_round_trips_through_json_and_rejects_unknown_keys():
@@ -175,11 +209,10 @@ def test_flops_and_parameter_counts():
 def test_modality_dropout_zeroes_one_branch_of_some_samples_in_training_only():
     config = ModelConfig(num_classes=N, vocab_size=VOCAB, modality_dropout=0.5, **SMALL)
     model = FusionClassifier(config).train()
-    image_features, text_features = torch.ones(4000, 6), torch.ones(4000, 3)
-    kept_image, kept_text = model._drop_one_branch(image_features, text_features)
-    image_dropped, text_dropped = kept_image.sum(1) == 0, kept_text.sum(1) == 0
+    image_kept, text_kept = model._one_branch_dropped(torch.ones(4000, 6))
+    assert image_kept.shape == text_kept.shape == (4000, 1)
+    image_dropped, text_dropped = ~image_kept[:, 0], ~text_kept[:, 0]
     assert not torch.any(image_dropped & text_dropped)  # never both
-    assert torch.all((kept_image.sum(1) == 6) | image_dropped)  # whole branches, nothing scaled
     assert 0.2 < image_dropped.float().mean() < 0.3 and 0.2 < text_dropped.float().mean() < 0.3
     images, tokens = make_batch(size=32)
     reference = FusionClassifier(ModelConfig(num_classes=N, vocab_size=VOCAB, **SMALL))
