@@ -437,7 +437,7 @@ class ModelSection(Section):
         "output, a bag-of-words path for texts that are lists of keywords (a departure; the paper: off).",
     )
     text_linear: bool = Field(
-        False,
+        True,
         description="A linear classifier on which words the text holds (logistic regression on the L2-normalised "
         "word-presence vector) learns beside the text head and adds its logits to the text's (wide and deep; a "
         "departure; the paper: false).",

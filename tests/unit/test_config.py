@@ -89,5 +89,6 @@ def test_the_paper_preset_is_the_papers_model_schedule_and_split():
     cfg = load_config(AblationConfig, str(REPO / "jobs" / "configs" / "paper.yaml"), [])
     assert (cfg.model.image_pool, cfg.model.fusion_head, cfg.model.aux_heads, cfg.model.modality_dropout) == (
         "flatten", "mlp", False, 0.0)
+    assert not cfg.model.text_linear
     assert (cfg.optim.lr, cfg.optim.batch_size, cfg.optim.epochs, cfg.optim.augment) == (0.001, 32, 100, False)
     assert (cfg.split.val_fraction, cfg.split.test_fraction, cfg.evaluate_split) == (0.2, 0.0, "val")
