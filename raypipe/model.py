@@ -198,17 +198,21 @@ class FusionClassifier(nn.Module):
     def forward(self, image: Tensor | None, tokens: Tensor | None, with_branches: bool = False):
         """Logits [B, num_classes]; with ``with_branches`` (training), also the per-branch classifiers' logits
         (a list: empty for a one-branch model and for the mlp head without aux heads)."""
-        features, _ = self._features(image, tokens)
-        logits, branch_logits = self._fuse(features, self._text_linear(tokens))
+        logits, branch_logits, _ = self._logits(image, tokens)
         return (logits, branch_logits) if with_branches else logits
 
     def branch_logits(self, image: Tensor, tokens: Tensor) -> list[Tensor]:
         """A late-fusion model's per-branch logits, [image [B, C], text [B, C]] (validation fits their weights)."""
-        return self._fuse(self._features(image, tokens)[0], self._text_linear(tokens))[1]
+        return self._logits(image, tokens)[1]
 
     def forward_with_attention(self, image: Tensor | None, tokens: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        logits, _, attention = self._logits(image, tokens)
+        return logits, attention  # [B, num_classes], [B, L] | None
+
+    def _logits(self, image: Tensor | None, tokens: Tensor | None) -> tuple[Tensor, list[Tensor], Tensor | None]:
+        """(logits [B, C], per-branch logits, attention [B, L] | None): every forward path's one pass."""
         features, attention = self._features(image, tokens)
-        return self._fuse(features, self._text_linear(tokens))[0], attention  # [B, num_classes], [B, L] | None
+        return *self._fuse(features, self._text_linear(tokens)), attention
 
     def _features(self, image: Tensor | None, tokens: Tensor | None) -> tuple[list[Tensor], Tensor | None]:
         features, attention = [], None

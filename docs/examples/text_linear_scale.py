@@ -9,15 +9,16 @@ Adam with raypipe's defaults (lr 0.001, weight decay 0.0005, batch 32), the best
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 
 import torch
 import torch.nn.functional as F
 
 import raypipe.model
+from raypipe.config import StorageConfig
+from raypipe.io import fs as rfs
 from raypipe.model import FusionClassifier, ModelConfig
+from raypipe.pipeline.prepare import PreparedOutput
 from raypipe.tools.baselines import load_prepared
 
 
@@ -46,13 +47,12 @@ def best_val_accuracy(train, val, vocab_size: int, num_classes: int, seed: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("prepared", help="a jobs/prepare.py output, a local directory")
+    parser.add_argument("prepared", help="a jobs/prepare.py output")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 10.0, 30.0])
     parser.add_argument("--seeds", type=int, default=5)
     args = parser.parse_args()
     splits, classes = load_prepared(args.prepared)
-    with open(os.path.join(args.prepared, "vocab.json")) as f:
-        vocab_size = len(json.load(f)["tokens"])  # as training sizes the model
+    vocab_size = len(PreparedOutput.open(rfs.resolve(args.prepared, StorageConfig())).vocab)  # as training sizes it
     torch.set_num_threads(1)
     for scale in args.scales:
         raypipe.model.TEXT_LINEAR_SCALE = scale  # read at every forward pass
