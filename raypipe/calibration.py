@@ -103,7 +103,9 @@ def fit(nll: torch.Tensor, bins: torch.Tensor) -> dict:
     """The image share and temperature of least validation NLL and what they change (JSON-ready): "nll" and
     "ece" at the fitted share before temperature scaling (T = 1), the "_calibrated" ones with both fitted.
     "image_share" and the accuracies at share 0.5 (the plain sum, as trained), 1 (the image branch alone) and
-    0 (the text branch alone) are None for a model without late-fused branches."""
+    0 (the text branch alone) are None for a model without late-fused branches, as are "nll_calibrated_image" and
+    "nll_calibrated_text": each branch's NLL alone at its own best temperature, what the branch's epoch is chosen by
+    under optim.best_epoch_by=val_nll."""
     late = len(nll) > 1
     share, t = divmod(int(torch.argmin(nll)), nll.shape[1])
     rows = float(bins[share, UNSCALED, :, 0].sum())
@@ -118,6 +120,8 @@ def fit(nll: torch.Tensor, bins: torch.Tensor) -> dict:
         # The temperature cannot change the predicted class, so T = 1's correct rows count for every T.
         **{f"accuracy_{name}": round(float(bins[index, UNSCALED, :, 2].sum()) / max(rows, 1), 4) if late else None
            for name, index in (("plain_sum", AS_TRAINED), ("image", -1), ("text", 0))},
+        **{f"nll_calibrated_{name}": round(float(nll[index].min()) / max(rows, 1), 4) if late else None
+           for name, index in (("image", -1), ("text", 0))},
         "rows": int(rows),
     }
 

@@ -482,8 +482,16 @@ class OptimSection(Section):
         "validation, docs/results.md; the paper has none: 0)."
     )
     early_stopping_patience: int | None = Field(
-        10, ge=1, description="Stop after this many epochs without a better validation accuracy (null: never; the "
-        "weights of the best validation epoch are kept either way)."
+        10, ge=1, description="Stop after this many epochs without a better validation epoch (by best_epoch_by; "
+        "null: never; the weights of the best validation epoch are kept either way)."
+    )
+    best_epoch_by: Literal["val_nll", "val_accuracy"] = Field(
+        "val_accuracy",
+        description="What makes a validation epoch the best, whose weights are kept and from which "
+        "early_stopping_patience counts (for separately trained branches, each branch's own): val_nll (the "
+        "validation negative log-likelihood at the temperature fitted for that epoch; a smoother guide than "
+        "accuracy on a few hundred validation rows) or val_accuracy (the first epoch of highest validation "
+        "accuracy).",
     )
     class_weighting: Literal["none", "balanced"] = Field(
         "none", description="balanced: weight the loss by inverse class frequency of the training split."

@@ -354,10 +354,10 @@ def _set_threads(loop: LoopConfig, device: torch.device, local_world: int) -> No
 
 def new_progress() -> dict:
     """The progress of a run that has not trained yet (the keys a checkpoint's progress.json holds)."""
-    return {"epoch": 0, "steps": 0, "history": [], "best_epoch": None, "best_val_accuracy": -1.0, "stale_epochs": 0,
+    return {"epoch": 0, "steps": 0, "history": [], "best_epoch": None, "best_score": None, "stale_epochs": 0,
             "resumed_mid_epoch": [],
             # optim.branch_training=separate: each branch's best epoch, and the model of the two at the end
-            "best_branches": {branch: {"epoch": None, "val_accuracy": -1.0} for branch in BRANCH_KEYS},
+            "best_branches": {branch: {"epoch": None, "score": None} for branch in BRANCH_KEYS},
             "assembled": None}
 
 
@@ -606,9 +606,11 @@ def validation_metrics(val_sums, confusion, fitted: dict) -> dict:
         "val_macro_f1": scores["macro_f1"],
         "val_rows": int(val_sums[1]),
         "temperature": fitted["temperature"],  # of least validation NLL, for these weights
+        "val_nll_calibrated": fitted["nll_calibrated"],  # the validation NLL at that temperature (and share)
         "image_share": fitted["image_share"],  # late fusion: fitted with the temperature (None otherwise)
         # Late fusion: accuracy at share 0.5 (the plain sum), 1 (the image branch alone) and 0 (the text branch)
         **{f"val_accuracy_{name}": fitted[f"accuracy_{name}"] for name in ("plain_sum", "image", "text")},
+        **{f"val_nll_calibrated_{name}": fitted[f"nll_calibrated_{name}"] for name in ("image", "text")},
         "val_ece": fitted["ece"],
         "val_ece_calibrated": fitted["ece_calibrated"],
     }
@@ -626,28 +628,39 @@ def epoch_metrics(trained: EpochSoFar, validated: dict, epoch_seconds: float) ->
     }
 
 
+def epoch_score(metrics: dict, best_epoch_by: str, branch: str | None = None) -> float:
+    """How good the epoch's weights (or one branch's) are by optim.best_epoch_by; higher is better."""
+    suffix = f"_{branch}" if branch else ""
+    if best_epoch_by == "val_accuracy":
+        return metrics[f"val_accuracy{suffix}"]
+    return -metrics[f"val_nll_calibrated{suffix}"]
+
+
 def record(state: WorkerState, metrics: dict) -> tuple[bool, bool]:
-    """Adds the epoch to the run's progress, keeps the best weights; returns (improved, stop early).
-    Branches trained separately keep each its own best epoch's weights, by its own validation accuracy,
-    and the run stops when neither has improved for early_stopping_patience epochs."""
-    progress, patience, epoch = state.progress, state.loop.optim.early_stopping_patience, metrics["epoch"]
+    """Adds the epoch to the run's progress, keeps the best weights (by ``epoch_score``); returns (improved,
+    stop early). Branches trained separately keep each its own best epoch's weights, by its own score, and the
+    run stops when neither has improved for early_stopping_patience epochs."""
+    progress, optim, epoch = state.progress, state.loop.optim, metrics["epoch"]
     if state.separate:
         improved = False
         for branch, best in progress["best_branches"].items():
-            if metrics[f"val_accuracy_{branch}"] > best["val_accuracy"]:
-                best.update(epoch=epoch, val_accuracy=metrics[f"val_accuracy_{branch}"])
+            score = epoch_score(metrics, optim.best_epoch_by, branch)
+            if best["score"] is None or score > best["score"]:
+                best.update(epoch=epoch, score=score)
                 state.best_state = {**(state.best_state or {}), **_weights(state.raw_model, BRANCH_KEYS[branch])}
                 improved = True
         progress["stale_epochs"] = epoch - max(best["epoch"] for best in progress["best_branches"].values())
     else:
-        improved = metrics["val_accuracy"] > progress["best_val_accuracy"]
+        score = epoch_score(metrics, optim.best_epoch_by)
+        improved = progress["best_score"] is None or score > progress["best_score"]
         if improved:
-            progress.update(best_epoch=epoch, best_val_accuracy=metrics["val_accuracy"], stale_epochs=0)
+            progress.update(best_epoch=epoch, best_score=score, stale_epochs=0)
             state.best_state = _weights(state.raw_model)
         else:
             progress["stale_epochs"] += 1
     progress.update(epoch=epoch, assembled=None)  # a model of the best branches is assembled after the last epoch
     progress["history"].append(metrics)
+    patience = optim.early_stopping_patience
     return improved, patience is not None and progress["stale_epochs"] >= patience
 
 
@@ -710,7 +723,8 @@ def report(state: WorkerState, metrics: dict, improved: bool, stop: bool, tensor
                       metrics["epoch"])
         say(
             f"epoch {metrics['epoch']}/{state.loop.optim.epochs}  train_loss {metrics['train_loss']:.4f}  "
-            f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_accuracy']:.4f}  "
+            f"val_loss {metrics['val_loss']:.4f} (calibrated {metrics['val_nll_calibrated']:.4f})  "
+            f"val_acc {metrics['val_accuracy']:.4f}  "
             f"macro_f1 {metrics['val_macro_f1']:.4f}  {metrics['train_samples_per_s']:.0f} samples/s  "
             f"{metrics['epoch_seconds']:.1f} s" + ("  *" if improved else "") + ("  (early stop)" if stop else "")
         )

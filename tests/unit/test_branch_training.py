@@ -61,9 +61,9 @@ def test_separately_trained_branches_do_not_learn_from_each_other(branch_trainin
     assert same == (branch_training == "separate")
 
 
-def worker(branch_training: str, patience: int = 3, **model) -> WorkerState:
+def worker(branch_training: str, patience: int = 3, best_epoch_by: str = "val_accuracy", **model) -> WorkerState:
     model_config = ModelConfig(**SMALL, fusion_head="sum", **model)
-    loop = LoopConfig(model=model_config, optim=OptimSection(branch_training=branch_training,
+    loop = LoopConfig(model=model_config, optim=OptimSection(branch_training=branch_training, best_epoch_by=best_epoch_by,
                                                              early_stopping_patience=patience),
                       amp=False, torch_threads=None, class_weights=None, train_rows=None, progress_interval_s=60,
                       tensorboard=None, checkpoint_every_steps=None, mlflow=None)
@@ -72,13 +72,22 @@ def worker(branch_training: str, patience: int = 3, **model) -> WorkerState:
                        new_progress(), None, None)
 
 
-def epoch(state: WorkerState, number: int, image: float, text: float, fused: float) -> tuple[bool, bool]:
-    """Records an epoch whose weights are all ``number`` and whose validation accuracies are given."""
+def epoch(state: WorkerState, number: int, image: float, text: float, fused: float,
+          nll: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> tuple[bool, bool]:
+    """Records an epoch whose weights are all ``number``, with the validation accuracies given and the
+    calibrated validation NLLs ``nll`` (image, text, fused)."""
     with torch.no_grad():
         for p in state.raw_model.parameters():
             p.fill_(number)
     return record(state, {"epoch": number, "val_accuracy": fused, "val_accuracy_image": image,
-                          "val_accuracy_text": text})
+                          "val_accuracy_text": text, "val_nll_calibrated_image": nll[0],
+                          "val_nll_calibrated_text": nll[1], "val_nll_calibrated": nll[2]})
+
+
+def kept_epochs(state: WorkerState) -> dict[str, int]:
+    """The epoch whose weights the kept model holds, per branch."""
+    return {branch: int(next(v for k, v in state.best_state.items() if k.startswith(prefixes)).flatten()[0])
+            for branch, prefixes in BRANCH_KEYS.items()}
 
 
 @pytest.mark.parametrize("text_linear", [False, True])
@@ -96,6 +105,25 @@ def test_separately_trained_branches_keep_each_its_best_epoch_and_stop_when_neit
     assert set(kept) == set(state.raw_model.state_dict())  # the two branches make up the whole model
     for key, value in kept.items():
         assert torch.all(value == (4 if key.startswith(BRANCH_KEYS["image"]) else 2)), key
+
+
+def test_by_val_nll_each_branch_keeps_its_epoch_of_least_calibrated_nll_whatever_its_accuracy():
+    state = worker("separate", patience=2, best_epoch_by="val_nll")
+    assert epoch(state, 1, image=0.5, text=0.5, fused=0.5, nll=(1.0, 0.8, 0.7)) == (True, False)
+    assert epoch(state, 2, image=0.7, text=0.6, fused=0.7, nll=(1.1, 0.6, 0.6)) == (True, False)  # text only
+    assert epoch(state, 3, image=0.4, text=0.9, fused=0.9, nll=(0.9, 0.7, 0.5)) == (True, False)  # image only
+    assert epoch(state, 4, image=0.9, text=0.9, fused=0.9, nll=(0.95, 0.65, 0.4)) == (False, False)
+    assert epoch(state, 5, image=0.9, text=0.9, fused=0.9, nll=(0.95, 0.65, 0.4)) == (False, True)
+    assert kept_epochs(state) == {"image": 3, "text": 2}
+
+
+def test_by_val_nll_a_single_model_keeps_its_epoch_of_least_calibrated_nll():
+    state = worker("joint", patience=2, best_epoch_by="val_nll")
+    epoch(state, 1, image=0, text=0, fused=0.9, nll=(1, 1, 0.8))
+    epoch(state, 2, image=0, text=0, fused=0.6, nll=(1, 1, 0.5))
+    assert epoch(state, 3, image=0, text=0, fused=0.95, nll=(1, 1, 0.55)) == (False, False)
+    assert epoch(state, 4, image=0, text=0, fused=0.95, nll=(1, 1, 0.55)) == (False, True)
+    assert state.progress["best_epoch"] == 2 and all(torch.all(v == 2) for v in state.best_state.values())
 
 
 def test_jointly_trained_branches_keep_the_best_epoch_of_the_fused_model():

@@ -99,7 +99,17 @@ def test_two_equally_good_branches_keep_an_even_share_and_an_useless_one_is_weig
 
 def test_a_model_without_late_fusion_fits_only_a_temperature():
     logits, labels = overconfident(n=500, seed=6)
-    assert calibration.fit(*sums_of(logits, labels))["image_share"] is None
+    fitted = calibration.fit(*sums_of(logits, labels))
+    assert fitted["image_share"] is None and fitted["nll_calibrated_image"] is None
+
+
+def test_each_branch_gets_its_own_nll_at_its_own_best_temperature():
+    image, text, labels = two_branches(image_noise=4.0, n=600)
+    fitted = fitted_shares(image, text, labels)
+    for name, alone in (("image", 2 * image), ("text", 2 * text)):  # share 1 and 0 of 2 s image + 2 (1 - s) text
+        by_hand = min(float(torch.nn.functional.cross_entropy(alone / t, labels)) for t in calibration.TEMPERATURES)
+        assert fitted[f"nll_calibrated_{name}"] == pytest.approx(by_hand, abs=1e-4)
+    assert fitted["nll_calibrated_image"] > fitted["nll_calibrated_text"]  # the noisy branch is the worse one
 
 
 def test_the_grid_in_chunks_gives_the_same_sums_as_at_once(monkeypatch):

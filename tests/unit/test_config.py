@@ -91,4 +91,5 @@ def test_the_paper_preset_is_the_papers_model_schedule_and_split():
         "flatten", "mlp", False, 0.0)
     assert not cfg.model.text_linear
     assert (cfg.optim.lr, cfg.optim.batch_size, cfg.optim.epochs, cfg.optim.augment) == (0.001, 32, 100, False)
+    assert (cfg.optim.early_stopping_patience, cfg.optim.best_epoch_by) == (None, "val_accuracy")
     assert (cfg.split.val_fraction, cfg.split.test_fraction, cfg.evaluate_split) == (0.2, 0.0, "val")
