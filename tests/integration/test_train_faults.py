@@ -32,9 +32,9 @@ from test_train import _list, prepared  # noqa: F401  (fixture: the prepared 480
 from waiting import wait_until
 
 from raypipe.bundle import load_bundle
-from raypipe.config import StorageConfig, TrainConfig, load_config
+from raypipe.config import OptimSection, StorageConfig, TrainConfig, load_config
 from raypipe.model import BRANCH_KEYS
-from raypipe.pipeline.train import BUNDLE_DIR, CKPT_PROGRESS, run_train
+from raypipe.pipeline.train import BUNDLE_DIR, CKPT_PROGRESS, epoch_score, run_train
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -236,7 +236,8 @@ def test_a_worker_failing_inside_an_epoch_goes_on_from_the_step_checkpoint(ray_c
     assert [(h["epoch"], h["train_rows"]) for h in history] == [(1, train_rows), (2, train_rows)]
     # Step checkpoints carry each branch's best epoch along (the default trains the branches separately)
     # and are never taken for an epoch.
-    best = {branch: 1 + max(range(2), key=lambda e: (history[e][f"val_accuracy_{branch}"], -e)) for branch in BRANCH_KEYS}
+    by = OptimSection().best_epoch_by
+    best = {branch: 1 + max(range(2), key=lambda e: (epoch_score(history[e], by, branch), -e)) for branch in BRANCH_KEYS}
     assert result["best"]["branch_epochs"] == best and result["best_epoch"] == max(best.values())
     # num_to_keep=2 holds for step checkpoints too; the newest, which the bundle comes from, is the model of
     # the best branches, after epoch 2.
