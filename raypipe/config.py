@@ -579,7 +579,8 @@ class RunSection(Section):
     )
     tensorboard: bool = Field(
         True,
-        description="Write TensorBoard event files (train/validation loss, validation accuracy and macro-F1, "
+        description="Write TensorBoard event files (train/validation loss, validation loss at the fitted "
+        "temperature, validation accuracy and macro-F1, "
         "learning rate, samples/s; one point per epoch) to <storage_path>/<name>/tensorboard; watch them with "
         "`tensorboard --logdir <storage_path>/<name>/tensorboard`.",
     )

@@ -456,8 +456,9 @@ class TensorBoardLog:
     copied to the run's ``tensorboard`` folder after every epoch. A resumed run adds a file of its own,
     which TensorBoard shows as the same run."""
 
-    SCALARS = {"loss/train": "train_loss", "loss/val": "val_loss", "accuracy/val": "val_accuracy",
-               "macro_f1/val": "val_macro_f1", "throughput/train_samples_per_s": "train_samples_per_s"}
+    SCALARS = {"loss/train": "train_loss", "loss/val": "val_loss", "loss/val_calibrated": "val_nll_calibrated",
+               "accuracy/val": "val_accuracy", "macro_f1/val": "val_macro_f1",
+               "throughput/train_samples_per_s": "train_samples_per_s"}
 
     def __init__(self, target: rfs.Location):
         from torch.utils.tensorboard import SummaryWriter

@@ -66,7 +66,8 @@ def test_two_workers_checkpoint_to_s3_resume_and_evaluate(prepared, bucket, tmp_
     scalars = EventAccumulator(str(events)).Reload()
     assert [e.step for e in scalars.Scalars("loss/train")] == [1, 2, 3]
     assert [e.value for e in scalars.Scalars("accuracy/val")] == pytest.approx([h["val_accuracy"] for h in second["history"]])
-    assert {"loss/val", "macro_f1/val", "lr", "throughput/train_samples_per_s"} <= set(scalars.Tags()["scalars"])
+    assert {"loss/val", "loss/val_calibrated", "macro_f1/val", "lr", "throughput/train_samples_per_s"} <= set(
+        scalars.Tags()["scalars"])
 
     bundle = load_bundle(second["bundle"], StorageConfig())
     assert bundle.identity == second["identity"] and bundle.model_config.mode == "fusion"
@@ -133,7 +134,8 @@ def test_mlflow_gets_the_config_every_epoch_and_the_bundle(prepared, tmp_path, m
     [run] = client.search_runs(["0"])  # MLflow's default experiment
     assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
     assert run.data.params["optim.epochs"] == "2" and run.data.params["prepared"] == prepared
-    for key in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "train_samples_per_s", "lr"):
+    for key in ("train_loss", "val_loss", "val_nll_calibrated", "val_accuracy", "val_macro_f1", "train_samples_per_s",
+                "lr"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
     assert [m.value for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == pytest.approx(
         [h["val_accuracy"] for h in result["history"]])
