@@ -34,6 +34,12 @@ PATIENCE = 10
 RULES = ("val_accuracy", "val_nll")
 
 
+def load_set(prepared: str) -> tuple[dict, list[str], int]:
+    """(splits, classes, vocabulary size as training sizes the model) of a prepare output."""
+    splits, classes = load_prepared(prepared)
+    return splits, classes, len(PreparedOutput.open(rfs.resolve(prepared, StorageConfig())).vocab)
+
+
 def validation_curves(splits: dict, classes: list[str], vocab_size: int, mode: str, seed: int,
                       epochs: int) -> tuple[np.ndarray, np.ndarray]:
     """One run's (correct [E, N], nll [E, T, N]): per epoch, which validation rows are right, and each row's
@@ -88,8 +94,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=40)
     args = parser.parse_args()
-    splits, classes = load_prepared(args.prepared)
-    vocab_size = len(PreparedOutput.open(rfs.resolve(args.prepared, StorageConfig())).vocab)  # as training sizes it
+    splits, classes, vocab_size = load_set(args.prepared)
     torch.set_num_threads(1)
     held_out: dict[str, list[float]] = {rule: [] for rule in RULES}
     for seed in range(args.seeds):

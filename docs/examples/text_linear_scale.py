@@ -14,13 +14,9 @@ import statistics
 
 import numpy as np
 import torch
-from epoch_choice import select_epoch, validation_curves  # this folder's: the same training loop
+from epoch_choice import load_set, select_epoch, validation_curves  # this folder's: the same training loop
 
 import raypipe.model
-from raypipe.config import StorageConfig
-from raypipe.io import fs as rfs
-from raypipe.pipeline.prepare import PreparedOutput
-from raypipe.tools.baselines import load_prepared
 
 
 def main() -> None:
@@ -29,8 +25,7 @@ def main() -> None:
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 10.0, 30.0])
     parser.add_argument("--seeds", type=int, default=5)
     args = parser.parse_args()
-    splits, classes = load_prepared(args.prepared)
-    vocab_size = len(PreparedOutput.open(rfs.resolve(args.prepared, StorageConfig())).vocab)  # as training sizes it
+    splits, classes, vocab_size = load_set(args.prepared)
     every_row = np.arange(len(splits["val"].labels))
     torch.set_num_threads(1)
     for scale in args.scales:
