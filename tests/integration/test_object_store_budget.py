@@ -14,7 +14,8 @@ from raypipe.pipeline.cluster import init_ray
 
 pytestmark = [pytest.mark.integration]
 
-BLOCKS, BLOCK_MIB = 160, 2
+BLOCKS, BLOCK_MIB, BUDGET_MIB = 160, 2, 64
+BUDGET_BLOCKS = BUDGET_MIB // BLOCK_MIB
 
 
 def most_blocks_ahead(cfg: RayConfig) -> int:
@@ -39,8 +40,12 @@ def most_blocks_ahead(cfg: RayConfig) -> int:
 def test_a_budget_bounds_how_far_a_fast_stage_runs_ahead(ray_cluster):
     try:
         unbounded = most_blocks_ahead(RayConfig(object_store_mib=None, progress_bars=False))
-        bounded = most_blocks_ahead(RayConfig(object_store_mib=64, progress_bars=False))
+        bounded = most_blocks_ahead(RayConfig(object_store_mib=BUDGET_MIB, progress_bars=False))
     finally:
         init_ray(RayConfig())  # the defaults again, for the tests that follow in this process
-    assert unbounded > BLOCKS * 2 // 3, f"the producer was expected to run ahead freely: {unbounded} blocks ahead"
-    assert bounded < BLOCKS // 3, f"64 MiB of {BLOCK_MIB} MiB blocks, yet {bounded} blocks were made ahead of the consumer"
+    # How far the free producer gets depends on the machine's load (133-139 of 160 blocks on an idle
+    # 2-core machine, 100 under CI's load); twice the budget's worth separates the two cases on both.
+    assert unbounded >= 2 * BUDGET_BLOCKS, f"the producer was expected to run ahead freely: {unbounded} blocks ahead"
+    assert bounded < BUDGET_BLOCKS * 3 // 2, (
+        f"{BUDGET_MIB} MiB hold {BUDGET_BLOCKS} blocks of {BLOCK_MIB} MiB, yet {bounded} were made ahead of the consumer"
+    )
