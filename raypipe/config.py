@@ -12,6 +12,7 @@ or the instance profile, or from the ``SecretStr`` fields of ``storage``, which 
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
@@ -559,7 +560,9 @@ class RunSection(Section):
     name: str = Field(
         "raypipe-train",
         pattern=FOLDER_NAME_PATTERN,
-        description="Run name. Re-running with the same name and storage_path resumes from the last checkpoint.",
+        description="Run name. Re-running with the same name and storage_path resumes from the last checkpoint; "
+        "a resumed run may change only optim.epochs, optim.early_stopping_patience and the scaling, run, ray and "
+        "storage sections (other changes are refused before Ray starts: give the run another name).",
     )
     storage_path: str = Field(
         "~/raypipe-runs", description="Where checkpoints and the model bundle go (local path or s3://...)."
@@ -816,6 +819,18 @@ def dump_config(config: BaseModel) -> dict:
     """The resolved config as plain data, for provenance files: secret fields show as ``**********``
     (pydantic's JSON form of SecretStr), URLs cannot hold credentials."""
     return config.model_dump(mode="json")
+
+
+def flat_config(tree: dict, prefix: str = "") -> dict[str, str]:
+    """A dumped config (``dump_config``) flat: ``section.field`` -> its value as text (lists as JSON), the
+    form of the command-line overrides."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value)
+    return flat
 
 
 class LabelPredictSection(PredictSection):

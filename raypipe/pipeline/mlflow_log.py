@@ -9,7 +9,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from raypipe.config import TrainConfig, dump_config
+from raypipe.config import TrainConfig, dump_config, flat_config
 from raypipe.errors import UserError
 from raypipe.io import fs as rfs
 
@@ -39,17 +39,6 @@ def require_mlflow(cfg: TrainConfig) -> None:
 class MlflowRun:
     tracking_uri: str
     run_id: str
-
-
-def flat_params(tree: dict, prefix: str = "") -> dict[str, str]:
-    """A nested config as MLflow params: ``section.field`` -> its value as text (lists as JSON)."""
-    params = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            params.update(flat_params(value, f"{prefix}{key}."))
-        else:
-            params[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value)
-    return params
 
 
 def _experiment_id(client) -> str:
@@ -92,7 +81,7 @@ def open_run(cfg: TrainConfig, run_dir: rfs.Location) -> MlflowRun:
     else:
         client.update_run(run_id, status="RUNNING")
     logged = client.get_run(run_id).data.params
-    params = {k: v for k, v in flat_params(dump_config(cfg)).items() if k not in logged}
+    params = {k: v for k, v in flat_config(dump_config(cfg)).items() if k not in logged}
     for name, value in params.items():
         client.log_param(run_id, name, value)
     return MlflowRun(tracking_uri, run_id)

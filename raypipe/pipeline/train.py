@@ -23,7 +23,7 @@ import torch
 from raypipe import calibration, schema
 from raypipe.bundle import Bundle, save_bundle
 from raypipe.console import say
-from raypipe.config import OptimSection, TrainConfig, dump_config
+from raypipe.config import OptimSection, TrainConfig, dump_config, flat_config
 from raypipe.errors import UserError
 from raypipe.io import fs as rfs
 from raypipe.metrics import summary
@@ -47,6 +47,11 @@ TENSORBOARD_DIR = "tensorboard"
 # Checkpoint files: the current state (to resume) and the best weights so far (for the bundle).
 CKPT_MODEL, CKPT_OPTIMIZER, CKPT_BEST, CKPT_PROGRESS = "model.pt", "optimizer.pt", "best_model.pt", "progress.json"
 CKPT_SCALER, CKPT_RNG = "scaler.pt", "rng.pt"
+# In the run folder: the settings of the run's latest start, and Ray Train's record of the run's checkpoints
+# (whose presence makes a start with the run's name resume them).
+RUN_SETTINGS, CHECKPOINT_SNAPSHOT = "train_config.json", "checkpoint_manager_snapshot.json"
+# The settings a resumed run may change: how long and how it trains, not what it trains.
+RESUMABLE_CHANGES = ("optim.epochs", "optim.early_stopping_patience", "scaling.", "run.", "ray.", "storage.")
 # CheckpointPayload's tensors: attribute -> file.
 CKPT_TENSORS = {"model": CKPT_MODEL, "optimizer": CKPT_OPTIMIZER, "scaler": CKPT_SCALER, "best": CKPT_BEST,
                 "rng": CKPT_RNG}
@@ -762,10 +767,28 @@ def train_loop_per_worker(config: dict) -> None:
 # --- on the driver ------------------------------------------------------------------------------
 
 
-def _run_storage(cfg: TrainConfig) -> tuple[str, object]:
-    """(storage_path, filesystem) for RunConfig; local paths are made absolute."""
-    loc = rfs.resolve_output(cfg.run.storage_path, cfg.storage)
-    return loc.path, loc.fs
+def check_resume(cfg: TrainConfig, run_dir: rfs.Location) -> None:
+    """Records the run's settings in its folder; refuses, before any cluster work, a start that would
+    resume checkpoints trained with other settings (another model, data or optimisation), which would
+    otherwise fail inside every worker or go on silently with the old ones."""
+    settings = dump_config(cfg)
+    saved_at = run_dir.join(RUN_SETTINGS)
+    if rfs.exists(run_dir.join(CHECKPOINT_SNAPSHOT)) and rfs.exists(saved_at):
+        now, then = flat_config(settings), flat_config(json.loads(rfs.read_text(saved_at)))
+        changed = sorted(key for key in now.keys() | then.keys()
+                         if now.get(key) != then.get(key) and not key.startswith(RESUMABLE_CHANGES))
+        if changed:
+            listed = "; ".join(f"{key}={now.get(key, '(none)')} (the run's: {then.get(key, '(none)')})"
+                               for key in changed[:5])
+            raise TrainError(
+                f"run {cfg.run.name!r} in {cfg.run.storage_path} has checkpoints, which this command would resume, "
+                f"but they were trained with other settings: {listed}"
+                f"{f' and {len(changed) - 5} more' if len(changed) > 5 else ''}. To train these settings, give "
+                f"the run another name (run.name=...) or remove {run_dir.url}; to go on with that run, use its "
+                f"settings ({saved_at.url}). A resumed run may change only "
+                f"{', '.join(key + '*' if key.endswith('.') else key for key in RESUMABLE_CHANGES)}"
+            )
+    rfs.write_text(saved_at, json.dumps(settings, indent=1))
 
 
 def ingest_config(data: TrainingData):
@@ -790,7 +813,9 @@ def run_train(cfg: TrainConfig) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     require_mlflow(cfg)
-    storage_path, storage_fs = _run_storage(cfg)  # a run that cannot write its checkpoints fails first
+    storage = rfs.resolve_output(cfg.run.storage_path, cfg.storage)  # local paths made absolute
+    run_dir = storage.join(cfg.run.name)
+    check_resume(cfg, run_dir)  # a run that cannot write its checkpoints fails here, first
     data = load_training_data(cfg)  # checks inputs, then starts Ray
     capacity = cluster_capacity()
     resources = plan_worker_resources(cfg.scaling, capacity)
@@ -802,7 +827,6 @@ def run_train(cfg: TrainConfig) -> dict:
         num_classes=len(data.classes), vocab_size=len(data.vocab), image_size=data.image.size, **cfg.model.model_dump()
     )
     balanced = cfg.optim.class_weighting == "balanced"
-    run_dir = rfs.resolve_output(cfg.run.storage_path, cfg.storage).join(cfg.run.name)
     mlflow_run = open_run(cfg, run_dir) if cfg.run.mlflow_tracking_uri else None
     loop = LoopConfig(
         model=model_config,
@@ -825,8 +849,8 @@ def run_train(cfg: TrainConfig) -> dict:
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
+            storage_path=storage.path,
+            storage_filesystem=storage.fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
         ),

@@ -207,6 +207,11 @@ def test_a_killed_driver_is_resumed_by_running_the_same_command(ray_cluster, pre
     assert bundle.metrics["epochs_run"] == epochs and [h["epoch"] for h in history] == list(range(1, epochs + 1))
     assert history[0] == epoch_1
 
+    # The same name with another model would resume these checkpoints: refused before any cluster work.
+    other = subprocess.run([*command, "model.mode=text"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert other.returncode != 0 and "model.mode=text (the run's: fusion)" in other.stderr, other.stderr[-3000:]
+    assert "Ray cluster" not in other.stderr  # the line init_ray logs once it has joined or started one
+
 
 def test_a_worker_failing_inside_an_epoch_goes_on_from_the_step_checkpoint(ray_cluster, prepared, bucket,  # noqa: F811
                                                                            s3_endpoint):

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from raypipe.config import AblationConfig, ConfigError, PrepareConfig, load_config, parse_override
+from raypipe.config import AblationConfig, ConfigError, PrepareConfig, flat_config, load_config, parse_override
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -93,3 +93,8 @@ def test_the_paper_preset_is_the_papers_model_schedule_and_split():
     assert (cfg.optim.lr, cfg.optim.batch_size, cfg.optim.epochs, cfg.optim.augment) == (0.001, 32, 100, False)
     assert (cfg.optim.early_stopping_patience, cfg.optim.best_epoch_by) == (None, "val_accuracy")
     assert (cfg.split.val_fraction, cfg.split.test_fraction, cfg.evaluate_split) == (0.2, 0.0, "val")
+
+
+def test_a_dumped_config_flattens_to_the_keys_of_its_overrides():
+    assert flat_config({"run": {"name": "r1", "num_to_keep": 2}, "model": {"conv_channels": [8, 16]}, "x": None}) == {
+        "run.name": "r1", "run.num_to_keep": "2", "model.conv_channels": "[8, 16]", "x": "null"}

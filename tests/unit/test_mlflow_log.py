@@ -14,17 +14,11 @@ from raypipe.pipeline.mlflow_log import (
     RUN_RECORD,
     MlflowError,
     end_run,
-    flat_params,
     log_bundle,
     log_epoch,
     open_run,
     require_mlflow,
 )
-
-
-def test_the_config_becomes_flat_params():
-    assert flat_params({"run": {"name": "r1", "num_to_keep": 2}, "model": {"conv_channels": [8, 16]}, "x": None}) == {
-        "run.name": "r1", "run.num_to_keep": "2", "model.conv_channels": "[8, 16]", "x": "null"}
 
 
 def test_without_mlflow_installed_a_run_asking_for_it_stops_before_ray_starts(monkeypatch, tmp_path):

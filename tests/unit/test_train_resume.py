@@ -1,16 +1,26 @@
 """Going on with an interrupted epoch (no Ray): which rows a resumed worker leaves out, when step
-checkpoints are due and how they are named, and what a checkpoint holds after a round trip."""
+checkpoints are due and how they are named, what a checkpoint holds after a round trip, and which
+settings a resumed run may change."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
+from raypipe.config import StorageConfig, TrainConfig, load_config
+from raypipe.io.fs import resolve
 from raypipe.model import FusionClassifier, ModelConfig
 from raypipe.pipeline.train import (
+    CHECKPOINT_SNAPSHOT,
     CKPT_RNG,
     CKPT_SCALER,
+    RUN_SETTINGS,
     CheckpointPayload,
     EpochSoFar,
+    TrainError,
+    check_resume,
     checkpoint_name,
     new_progress,
     resume_message,
@@ -95,3 +105,23 @@ def test_a_checkpoint_round_trip_restores_model_optimizer_scaler_progress_and_ge
     (tmp_path / CKPT_RNG).unlink()
     older = CheckpointPayload.load(str(tmp_path))
     assert older.scaler == {} and older.rng == []
+
+
+def train_config(tmp_path, *overrides: str) -> TrainConfig:
+    return load_config(TrainConfig, None, [f"prepared={tmp_path / 'prepared'}", f"run.storage_path={tmp_path}",
+                                           "run.name=r", *overrides])
+
+
+def test_a_run_with_checkpoints_resumes_only_with_its_own_settings(tmp_path):
+    run_dir = resolve(str(tmp_path / "r"), StorageConfig())
+    check_resume(train_config(tmp_path, "model.mode=text"), run_dir)
+    assert json.loads((tmp_path / "r" / RUN_SETTINGS).read_text())["model"]["mode"] == "text"
+    # Before the run's first checkpoint there is nothing to resume: other settings start afresh.
+    check_resume(train_config(tmp_path, "model.mode=image"), run_dir)
+    (tmp_path / "r" / CHECKPOINT_SNAPSHOT).write_text("{}")  # Ray Train's record of the run's checkpoints
+    # How long and how it trains may change ...
+    check_resume(train_config(tmp_path, "model.mode=image", "optim.epochs=7", "scaling.num_workers=2"), run_dir)
+    # ... what it trains may not.
+    with pytest.raises(TrainError, match=r"model\.mode=fusion \(the run's: image\); optim\.lr=0\.01 \(the run's: 0\.001\)"):
+        check_resume(train_config(tmp_path, "optim.lr=0.01"), run_dir)
+    assert json.loads((tmp_path / "r" / RUN_SETTINGS).read_text())["model"]["mode"] == "image"
