@@ -242,9 +242,7 @@ class RayConfig(Section):
         900.0,
         gt=0,
         description="Seconds a job on an autoscaling cluster waits for the nodes its first workers or actors need "
-        "(a cloud node boots and installs in 5-10 min) before it fails naming what it asked for; also how long a "
-        "job on a cluster that cannot run a task yet (a head without CPUs, no worker joined, no autoscaler "
-        "published) waits for a worker node or the autoscaler.",
+        "(a cloud node boots and installs in 5-10 min) before it fails naming what it asked for.",
     )
     num_cpus: int | None = Field(None, ge=1, description="Logical CPUs of a local cluster. Default: all cores.")
     batch_size: int | None = Field(

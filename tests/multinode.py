@@ -126,15 +126,6 @@ class MultiNodeCluster:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
 
-    def add_node(self, cpus: int) -> None:
-        """Joins a worker node by hand, as a fixed cluster's worker machine does (`ray start --address`);
-        its processes carry this cluster's temp dir, so `stop` stops them too."""
-        subprocess.run(
-            [str(Path(sys.executable).parent / "ray"), "start", f"--address={self.address}", f"--num-cpus={cpus}",
-             f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"],
-            env=self.env, check=True, stdout=subprocess.DEVNULL, timeout=120,
-        )
-
     def stop(self) -> None:
         """Stops this cluster's processes and their descendants: the agents of a stopped raylet would
         otherwise linger for a minute or more, holding their ports."""

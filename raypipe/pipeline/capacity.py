@@ -2,12 +2,11 @@
 
 A job sizes its actors and workers against ``Capacity`` (the most the cluster can reach, not what
 happens to be up when it starts), refuses at once what no node could ever hold, and waits, with a
-progress line and a deadline, for the autoscaler to start the nodes the first of its work needs (and,
-on a cluster still starting, for its worker nodes or its autoscaler to show up at all).
+progress line and a deadline, for the autoscaler to start the nodes the first of its work needs.
 On a cluster without an autoscaler (a local ``ray.init``, fixed nodes) the nodes up are all there is.
 
 The sizing functions are pure (``Capacity`` in, Ray Data / Ray Train arguments out); only
-``cluster_capacity``, ``wait_for_capacity`` and ``wait_for_resources`` talk to Ray.
+``cluster_capacity`` and ``wait_for_resources`` talk to Ray.
 """
 
 from __future__ import annotations
@@ -50,11 +49,6 @@ class Capacity:
     @property
     def autoscales(self) -> bool:
         return any(t.max_count != 0 and t.resources for t in self.node_types)
-
-    @property
-    def runs_tasks(self) -> bool:
-        """Whether a node up now has a CPU or a GPU (a head started with --num-cpus=0 has neither)."""
-        return any(node.get("CPU", 0) > 0 or node.get("GPU", 0) > 0 for node in self.nodes)
 
     def most(self, resource: str) -> float:
         """The cluster-wide amount of ``resource`` it can reach: the nodes up, or every node type at its
@@ -226,25 +220,6 @@ def cluster_capacity() -> Capacity:
         NodeType(group.name, dict(group.resources), group.max_count) for group in config.node_group_configs
     )
     return Capacity(nodes, types)
-
-
-def wait_for_capacity(timeout_s: float) -> Capacity:
-    """``cluster_capacity`` once the cluster shows somewhere to run work. A cluster whose nodes up cannot
-    run a task and that shows no autoscaler is one that is still starting: its autoscaler publishes its
-    node types some seconds after the head starts (a job submitted at once, as a RayJob's is, can ask
-    before), or its worker nodes have not joined yet. Waits for either, up to ``timeout_s`` with a line
-    every ``PROGRESS_EVERY_S`` seconds; after that the capacity is returned as it is, and the job's own
-    checks say what it lacks."""
-    started = next_line = time.monotonic()
-    capacity = cluster_capacity()
-    while not (capacity.runs_tasks or capacity.autoscales) and time.monotonic() - started < timeout_s:
-        if time.monotonic() >= next_line:
-            say(f"waiting for worker nodes or the autoscaler: {capacity.describe()}, "
-                f"{time.monotonic() - started:.0f} s (ray.node_wait_s={timeout_s:g})")
-            next_line += PROGRESS_EVERY_S
-        time.sleep(0.5)  # a poll of the cluster's state, bounded by the deadline
-        capacity = cluster_capacity()
-    return capacity
 
 
 def wait_for_resources(bundles: list[dict[str, float]], what: str, timeout_s: float) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from raypipe.config import RayConfig, StorageConfig
-from raypipe.pipeline.capacity import Capacity, execution_defaults, require_shared_paths, wait_for_capacity
+from raypipe.pipeline.capacity import Capacity, cluster_capacity, execution_defaults, require_shared_paths
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def init_ray(cfg: RayConfig) -> Capacity:
             ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
         resources = ray.cluster_resources()
         log.info("Ray cluster: %s CPUs, %s GPUs", resources.get("CPU", 0), resources.get("GPU", 0))
-    capacity = wait_for_capacity(cfg.node_wait_s)
+    capacity = cluster_capacity()
     derived = execution_defaults(capacity)
     reader_v2 = derived["parquet_reader_v2"] if cfg.parquet_reader_v2 is None else cfg.parquet_reader_v2
     reserve = derived["reserve_per_operator"] if cfg.reserve_per_operator is None else cfg.reserve_per_operator

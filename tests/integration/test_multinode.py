@@ -13,16 +13,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 import multinode
-from tiny import PAIR_COLUMNS, write_bundle, write_pairs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.multinode]
-
-REPO = Path(__file__).resolve().parents[2]
 
 # Two 1-CPU tasks that only finish together: on 1-CPU nodes they need two nodes running at once. The
 # barrier is a directory (the fake nodes share this machine's files), not an actor: a task blocked in
@@ -107,31 +102,3 @@ def test_killing_a_worker_node_is_seen_as_a_dead_node(cluster):
     multinode.wait_until(lambda: cluster.node_state(node_id) == "DEAD", 120, f"node {node_id} marked dead")
     print(f"Ray marked the killed node dead after {time.monotonic() - killed_at:.1f} s")
     assert node_id not in cluster.worker_node_ids()
-
-
-def test_a_label_job_started_before_any_worker_node_joined_waits_for_one(tmp_path):
-    """A fixed cluster (its autoscaler may start no node) whose head runs no tasks, the workers not yet
-    joined: a job started then waits for them instead of refusing for want of CPUs, and labels once one
-    has joined. The same wait covers an autoscaler that has not yet published its node types."""
-    pairs, bundle, output = tmp_path / "pairs", tmp_path / "bundle", tmp_path / "labels"
-    write_pairs(str(pairs))
-    write_bundle(str(bundle))
-    command = [sys.executable, str(REPO / "jobs" / "label.py"), f"data.input={pairs}", *PAIR_COLUMNS,
-               f"bundle={bundle}", f"output={output}", "storage.shared_filesystem=true", "ray.progress_bars=false"]
-    log_path = tmp_path / "label.log"
-    with multinode.start(multinode.ClusterShape(max_workers=0)) as fixed, log_path.open("w") as log:
-        job = subprocess.Popen(command, cwd=REPO, env={**fixed.env, "RAY_ADDRESS": fixed.address},
-                               stdout=log, stderr=subprocess.STDOUT)
-        try:
-            multinode.wait_until(lambda: "waiting for worker nodes" in log_path.read_text() or job.poll() is not None,
-                                 120, "the job's line about waiting")
-            assert job.poll() is None, log_path.read_text()[-3000:]
-            fixed.add_node(cpus=2)
-            assert job.wait(timeout=300) == 0, log_path.read_text()[-3000:]
-        finally:
-            if job.poll() is None:
-                job.kill()
-                job.wait()
-    labeled = pa.concat_tables([pq.read_table(f) for f in sorted(output.rglob("*.parquet"))])
-    assert sorted(labeled["key"].to_pylist()) == sorted(f"{i}-{j}" for i in range(2) for j in range(4))
-    assert set(labeled["status"].to_pylist()) == {"ok"}

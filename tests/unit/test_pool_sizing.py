@@ -82,13 +82,6 @@ def test_an_autoscaling_cluster_with_no_worker_up_is_planned_for_the_nodes_it_ca
     assert AUTOSCALING.autoscales and not one_machine(CPU=2.0).autoscales
 
 
-def test_a_cluster_is_still_starting_while_no_node_up_runs_tasks_and_no_autoscaler_shows():
-    head_only = one_machine(CPU=0.0, memory=1e9)  # a head started with --num-cpus=0, nothing else yet
-    assert not head_only.runs_tasks and not head_only.autoscales  # wait_for_capacity waits
-    assert one_machine(CPU=2.0).runs_tasks and one_machine(CPU=0.0, GPU=1.0).runs_tasks
-    assert AUTOSCALING.autoscales and not AUTOSCALING.runs_tasks  # the autoscaler starts nodes on demand
-
-
 def test_what_no_node_type_can_hold_is_refused_at_once_naming_the_setting():
     big = load_config(TrainConfig, None, ["scaling.cpus_per_worker=2"]).scaling
     with pytest.raises(CapacityError, match=r"need\(s\) \{CPU: 2\} on one node.*cpu \{CPU: 1\} x up to 3.*"
