@@ -780,13 +780,13 @@ def check_resume(cfg: TrainConfig, run_dir: rfs.Location) -> None:
         if changed:
             listed = "; ".join(f"{key}={now.get(key, '(none)')} (the run's: {then.get(key, '(none)')})"
                                for key in changed[:5])
+            more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+            resumable = ", ".join(key + "*" if key.endswith(".") else key for key in RESUMABLE_CHANGES)
             raise TrainError(
                 f"run {cfg.run.name!r} in {cfg.run.storage_path} has checkpoints, which this command would resume, "
-                f"but they were trained with other settings: {listed}"
-                f"{f' and {len(changed) - 5} more' if len(changed) > 5 else ''}. To train these settings, give "
-                f"the run another name (run.name=...) or remove {run_dir.url}; to go on with that run, use its "
-                f"settings ({saved_at.url}). A resumed run may change only "
-                f"{', '.join(key + '*' if key.endswith('.') else key for key in RESUMABLE_CHANGES)}"
+                f"but they were trained with other settings: {listed}{more}. To train these settings, give the run "
+                f"another name (run.name=...) or remove {run_dir.url}; to go on with that run, use its settings "
+                f"({saved_at.url}). A resumed run may change only {resumable}"
             )
     rfs.write_text(saved_at, json.dumps(settings, indent=1))
 
