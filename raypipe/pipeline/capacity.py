@@ -5,12 +5,18 @@ happens to be up when it starts), refuses at once what no node could ever hold, 
 progress line and a deadline, for the autoscaler to start the nodes the first of its work needs.
 On a cluster without an autoscaler (a local ``ray.init``, fixed nodes) the nodes up are all there is.
 
+Where the autoscaler's node types come from: the GCS, where Ray's v2 autoscaler reports them. Ray 2.60's
+cluster launcher (``ray up``, its v1 autoscaler) reports none; there raypipe knows only that an
+autoscaler runs, from the status report ``ray status`` prints, and cannot see how far it reaches: it
+refuses nothing in advance and waits for the nodes, as Ray Train and Ray Data do there.
+
 The sizing functions are pure (``Capacity`` in, Ray Data / Ray Train arguments out); only
 ``cluster_capacity`` and ``wait_for_resources`` talk to Ray.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -45,26 +51,38 @@ class NodeType:
 class Capacity:
     nodes: tuple[Mapping[str, float], ...]  # total resources of each node up now
     node_types: tuple[NodeType, ...] = ()  # what the autoscaler may add (none: a fixed cluster)
+    # An autoscaler runs whose node types are not reported (Ray 2.60's cluster launcher): it may add
+    # anything, as far as a job can tell.
+    unseen_node_types: bool = False
 
     @property
     def autoscales(self) -> bool:
-        return any(t.max_count != 0 and t.resources for t in self.node_types)
+        return self.unseen_node_types or any(t.max_count != 0 and t.resources for t in self.node_types)
 
-    def most(self, resource: str) -> float:
-        """The cluster-wide amount of ``resource`` it can reach: the nodes up, or every node type at its
-        maximum count, whichever is more."""
+    def seen(self, resource: str) -> float:
+        """The cluster-wide amount of ``resource`` it is known to reach: the nodes up, or every reported
+        node type at its maximum count, whichever is more."""
         now = sum(node.get(resource, 0.0) for node in self.nodes)
         if any(t.max_count < 0 and t.resources.get(resource, 0) > 0 for t in self.node_types):
             return math.inf
         return max(now, sum(t.resources.get(resource, 0.0) * t.max_count for t in self.node_types))
 
+    def most(self, resource: str) -> float:
+        """The cluster-wide amount of ``resource`` it may reach: what is seen, or no limit where the
+        autoscaler's node types are unseen."""
+        return math.inf if self.unseen_node_types else self.seen(resource)
+
     def holds(self, bundle: Mapping[str, float]) -> bool:
-        """Whether one node, up now or of a type the autoscaler may start, can hold ``bundle``."""
+        """Whether one node, up now or of a type the autoscaler may start, can hold ``bundle`` (where the
+        node types are unseen, one of them may)."""
         shapes = [*self.nodes, *(t.resources for t in self.node_types if t.max_count != 0)]
-        return any(all(shape.get(k, 0.0) >= v for k, v in bundle.items() if v) for shape in shapes)
+        fits = any(all(shape.get(k, 0.0) >= v for k, v in bundle.items() if v) for shape in shapes)
+        return fits or self.unseen_node_types
 
     def describe(self) -> str:
         up = f"{len(self.nodes)} node(s) up with {_resources(_total(self.nodes))}"
+        if self.unseen_node_types:
+            return up + "; an autoscaler runs that does not report its node types (`ray status` on the head lists them)"
         if not self.autoscales:
             return up + ", no autoscaler"
         types = ", ".join(
@@ -199,7 +217,11 @@ def predictor_pool(predict: PredictSection, node_wait_s: float, cpus_per_actor: 
     actors and a preprocessing task."""
     capacity = cluster_capacity()
     if predict.use_gpu is None:
-        predict = predict.model_copy(update={"use_gpu": capacity.most("GPU") > 0})
+        # Only GPUs known to be there: on a cluster of unseen node types a GPU pool might wait for ever.
+        predict = predict.model_copy(update={"use_gpu": capacity.seen("GPU") > 0})
+        if capacity.unseen_node_types and not predict.use_gpu:
+            say("predict.use_gpu not set and no GPU seen (the autoscaler does not report its node types): "
+                "CPU predictor actors; set predict.use_gpu=true to label on GPU nodes the autoscaler may start")
     compute = predictor_compute(predict, capacity, cpus_per_actor)
     if capacity.autoscales:
         wait_for_resources(first_work(compute), "the first predictor actor(s) and a preprocessing task", node_wait_s)
@@ -210,16 +232,33 @@ def predictor_pool(predict: PredictSection, node_wait_s: float, cpus_per_actor: 
 
 
 def cluster_capacity() -> Capacity:
-    """The nodes up now and, where an autoscaler runs, its node types (which it writes to the GCS)."""
+    """The nodes up now and, where an autoscaler runs, its node types (where it reports them to the GCS)."""
     import ray
     import ray._private.state
 
     nodes = tuple(dict(node["Resources"]) for node in ray.nodes() if node["Alive"])
     config = ray._private.state.state.get_cluster_config()
-    types = () if config is None else tuple(
-        NodeType(group.name, dict(group.resources), group.max_count) for group in config.node_group_configs
-    )
-    return Capacity(nodes, types)
+    if config is not None:
+        types = tuple(NodeType(g.name, dict(g.resources), g.max_count) for g in config.node_group_configs)
+        return Capacity(nodes, types)
+    return Capacity(nodes, unseen_node_types=_launcher_autoscaler_runs())
+
+
+def _launcher_autoscaler_runs() -> bool:
+    """Whether the cluster launcher's autoscaler runs (Ray 2.60's v1 monitor given a cluster config).
+
+    Its status report (what ``ray status`` prints, in the GCS's key-value store) names each node's type.
+    Every Ray head runs that monitor; without a cluster config it only mirrors the nodes, each as a type
+    of its own named after the node (``node_<id>``), and never adds one."""
+    from ray._private import ray_constants
+    from ray.autoscaler._private.util import format_readonly_node_type
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    report = (json.loads(raw).get("autoscaler_report") if raw else None) or {}
+    node_types = (report.get("node_type_mapping") or {}).values()
+    mirrored = format_readonly_node_type("")
+    return any(not node_type.startswith(mirrored) for node_type in node_types)
 
 
 def wait_for_resources(bundles: list[dict[str, float]], what: str, timeout_s: float) -> None:
@@ -241,7 +280,8 @@ def wait_for_resources(bundles: list[dict[str, float]], what: str, timeout_s: fl
                     f"gave up after {waited:.0f} s waiting for {what} ({len(bundles)} x "
                     f"{', '.join(sorted({_resources(b) for b in bundles}))}): {capacity.describe()}. The "
                     "autoscaler did not start the nodes in time: see `ray status` on the head for launch "
-                    "errors (quota, capacity, a failing setup command), or raise ray.node_wait_s."
+                    "errors (quota, capacity, a failing setup command, no node type that can hold them), or "
+                    "raise ray.node_wait_s."
                 )
             say(f"waiting for {what}: {len(capacity.nodes)} node(s) up, {waited:.0f} s "
                 f"(the autoscaler is starting nodes; ray.node_wait_s={timeout_s:g})")

@@ -23,6 +23,7 @@ from pathlib import Path
 import multinode
 import pyarrow.parquet as pq
 import pytest
+import tiny
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.multinode]
 
@@ -75,9 +76,15 @@ class Job:
         self.client = JobSubmissionClient(cluster.dashboard)
 
     def _submit(self) -> subprocess.CompletedProcess | None:
+        # The repository in place (`local://`, a directory every node has), not `--working-dir` uploaded: each
+        # node's runtime-env agent unpacks an uploaded working_dir afresh into the session directory, which
+        # the fake nodes share, so a node starting mid-job deletes the directory the other nodes' workers run
+        # in (measured: predictor actors failing in os.getcwd). On a real cluster each node has its own disk;
+        # tests/integration/test_job_submit.py submits with --working-dir to a one-node cluster.
         done = subprocess.run(
             [RAY, "job", "submit", "--address", self.cluster.dashboard, "--submission-id", self.id, "--no-wait",
-             "--entrypoint-num-cpus", "0", "--working-dir", str(REPO), "--", *self.entrypoint],
+             "--entrypoint-num-cpus", "0", "--runtime-env-json", json.dumps({"working_dir": f"local://{REPO}"}),
+             "--", *self.entrypoint],
             cwd=REPO, env=self.cluster.env, capture_output=True, text=True, timeout=180, check=False,
         )
         return None if AGENT_NOT_READY in done.stdout + done.stderr else done
@@ -192,6 +199,27 @@ def pipeline(cluster, s3) -> Pipeline:
 
 
 # --- tests ---------------------------------------------------------------------------------------
+
+
+def test_label_as_the_first_job_of_a_fresh_autoscaling_cluster_waits_for_the_nodes_it_asks_for(s3):
+    """Ray 2.60's cluster launcher does not report its node types: a labeling job that is the first work
+    of a cluster with no worker up is not sized for the 0-CPU head and refused, but asks the autoscaler
+    for its first predictor actor and a preprocessing task, and labels every row. A cluster of its own,
+    started before the module's: no job has ever brought a node up."""
+    bundle = s3.url("untrained/bundle")
+    tiny.write_bundle(bundle)
+    with multinode.start(multinode.ClusterShape()) as fresh:
+        assert fresh.worker_node_ids() == set()
+        label = Job(fresh, "label-first", "python", "jobs/label.py", f"bundle={bundle}",
+                    f"data.input={s3.url('pairs')}", f"output={s3.url('labels-first')}", *QUIET)
+        logs = label.succeeded(600)
+        started = [ms - label.start_time_ms() for ms in worker_start_times_ms(fresh)]
+    summary = s3.json("labels-first/_summary.json")
+    assert summary["complete"] and summary["rows_out"] == summary["rows_in"] == TRAIN_PAIRS, summary
+    assert started and min(started) > 0, f"worker nodes started {started} ms after the job: not for it"
+    assert any("resources ready after" in line for line in node_waits(logs)), logs[-3000:]
+    print(f"\nlabel as the first job: SUCCEEDED in {label.seconds:.1f} s (submit to end), {len(started)} worker "
+          f"node(s) started; {sorted(set(node_waits(logs)))}")
 
 
 def test_prepare_train_label_submitted_to_an_autoscaling_cluster_with_no_worker_up(cluster, s3, pipeline):

@@ -98,6 +98,25 @@ def test_a_node_type_without_an_upper_bound_gives_a_bounded_pool():
     assert gpu["compute"].max_size == cpu["compute"].max_size == UNBOUNDED_ACTORS
 
 
+# Ray 2.60's cluster launcher: an autoscaler runs, its node types are not reported, no worker is up.
+UNSEEN = Capacity(({"CPU": 0.0},), unseen_node_types=True)
+
+
+def test_a_cluster_whose_node_types_are_unseen_is_planned_as_one_that_may_grow_and_refuses_nothing_in_advance():
+    label = predictor_compute(label_predict("predict.use_gpu=false"), UNSEEN, 0.9)
+    assert (label["compute"].min_size, label["compute"].max_size, label["num_cpus"]) == (1, UNBOUNDED_ACTORS, 0.9)
+    assert first_work(label) == [{"CPU": 0.9}, {"CPU": 1.0}]  # what the job waits for, asking the autoscaler
+    gpu = predictor_compute(label_predict("predict.use_gpu=true"), UNSEEN)
+    assert (gpu["compute"].min_size, gpu["num_gpus"]) == (1, 1)
+    scaling = load_config(TrainConfig, None, ["scaling.num_workers=2", "scaling.use_gpu=true"]).scaling
+    assert plan_worker_resources(scaling, UNSEEN) == {"CPU": 1.0, "GPU": 1}
+    assert UNSEEN.autoscales and UNSEEN.holds({"CPU": 64.0, "GPU": 8.0})
+    # Only what is seen decides whether GPUs are there (labeling's default between GPU and CPU actors).
+    assert UNSEEN.seen("GPU") == 0 and UNSEEN.most("GPU") == float("inf")
+    assert "does not report its node types" in UNSEEN.describe()
+    assert execution_defaults(UNSEEN) == execution_defaults(TEN_4_GPU_NODES)  # sized as a large cluster
+
+
 def test_local_paths_are_refused_on_a_cluster_of_many_nodes_unless_shared():
     paths = {"data.input": "s3://bucket/shards", "output": "/data/prepared", "labels.sidecar": None}
     require_shared_paths(one_machine(CPU=2.0), paths, shared_filesystem=False)  # one machine: its disk is the disk
@@ -105,6 +124,8 @@ def test_local_paths_are_refused_on_a_cluster_of_many_nodes_unless_shared():
         require_shared_paths(AUTOSCALING, paths, shared_filesystem=False)
     with pytest.raises(CapacityError, match=r"^output=file:///x: a local path"):
         require_shared_paths(Capacity(({"CPU": 1.0}, {"CPU": 1.0})), {"output": "file:///x"}, shared_filesystem=False)
+    with pytest.raises(CapacityError, match=r"^output=/data/prepared: a local path"):
+        require_shared_paths(UNSEEN, paths, shared_filesystem=False)
     require_shared_paths(AUTOSCALING, paths, shared_filesystem=True)
     require_shared_paths(AUTOSCALING, {**paths, "output": "s3://bucket/prepared"}, shared_filesystem=False)
 
@@ -128,7 +149,7 @@ TEN_4_GPU_NODES = Capacity(
 )
 def test_defaults_follow_the_cluster(capacity, data_defaults, label_pool, train_workers):
     assert execution_defaults(capacity) == {"parquet_reader_v2": data_defaults, "reserve_per_operator": data_defaults}
-    use_gpu = capacity.most("GPU") > 0  # the label job's default
+    use_gpu = capacity.seen("GPU") > 0  # the label job's default
     compute = predictor_compute(label_predict(f"predict.use_gpu={str(use_gpu).lower()}"), capacity, 0.9)
     kind, least, most, per_actor = label_pool
     assert (compute["compute"].min_size, compute["compute"].max_size) == (least, most)
