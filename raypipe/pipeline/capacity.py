@@ -5,10 +5,11 @@ happens to be up when it starts), refuses at once what no node could ever hold, 
 progress line and a deadline, for the autoscaler to start the nodes the first of its work needs.
 On a cluster without an autoscaler (a local ``ray.init``, fixed nodes) the nodes up are all there is.
 
-Where the autoscaler's node types come from: the GCS, where Ray's v2 autoscaler reports them. Ray 2.60's
-cluster launcher (``ray up``, its v1 autoscaler) reports none; there raypipe knows only that an
-autoscaler runs, from the status report ``ray status`` prints, and cannot see how far it reaches: it
-refuses nothing in advance and waits for the nodes, as Ray Train and Ray Data do there.
+Where the autoscaler's node types come from: the cluster config in the GCS (``get_cluster_config``, which
+Ray Train and Ray Data read too), where an autoscaler that reports them puts them. Ray 2.60's cluster
+launcher (``ray up``, its v1 autoscaler) reports none; there raypipe knows only that an autoscaler runs,
+from the status report ``ray status`` prints, and cannot see how far it reaches: it refuses nothing in
+advance and waits for the nodes, as Ray Train and Ray Data do there.
 
 The sizing functions are pure (``Capacity`` in, Ray Data / Ray Train arguments out); only
 ``cluster_capacity`` and ``wait_for_resources`` talk to Ray.
