@@ -516,6 +516,14 @@ class OptimSection(Section):
         description="Random horizontal flips and shifts of up to 1/16 of the image side (edges repeated) of the "
         "training images, drawn anew every epoch (raypipe's recipe; the paper has none: false).",
     )
+    ema_decay: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="Keep an exponential moving average of the weights, updated after every step with this decay "
+        "(warmed up as min(decay, (1 + step) / (10 + step))), and validate, keep and bundle it instead of the "
+        "weights as trained (0.99 averages over about the last 100 steps). null: off (the paper's).",
+    )
 
 
 class ScalingSection(Section):

@@ -9,6 +9,7 @@ takes the same early-stopping decision.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -46,7 +47,7 @@ BUNDLE_DIR = "bundle"
 TENSORBOARD_DIR = "tensorboard"
 # Checkpoint files: the current state (to resume) and the best weights so far (for the bundle).
 CKPT_MODEL, CKPT_OPTIMIZER, CKPT_BEST, CKPT_PROGRESS = "model.pt", "optimizer.pt", "best_model.pt", "progress.json"
-CKPT_SCALER, CKPT_RNG = "scaler.pt", "rng.pt"
+CKPT_SCALER, CKPT_RNG, CKPT_EMA = "scaler.pt", "rng.pt", "ema_model.pt"
 # In the run folder: the settings of the run's latest start, and Ray Train's record of the run's checkpoints
 # (whose presence makes a start with the run's name resume them).
 RUN_SETTINGS, CHECKPOINT_SNAPSHOT = "train_config.json", "checkpoint_manager_snapshot.json"
@@ -54,7 +55,8 @@ RUN_SETTINGS, CHECKPOINT_SNAPSHOT = "train_config.json", "checkpoint_manager_sna
 RESUMABLE_CHANGES = ("optim.epochs", "optim.early_stopping_patience", "scaling.", "run.", "ray.", "storage.")
 # CheckpointPayload's tensors: attribute -> file.
 CKPT_TENSORS = {"model": CKPT_MODEL, "optimizer": CKPT_OPTIMIZER, "scaler": CKPT_SCALER, "best": CKPT_BEST,
-                "rng": CKPT_RNG}
+                "rng": CKPT_RNG, "ema": CKPT_EMA}
+CKPT_OPTIONAL = ("scaler", "rng", "ema")  # absent from older checkpoints; the average only with optim.ema_decay
 
 
 class TrainError(UserError, RuntimeError):
@@ -265,10 +267,12 @@ class CheckpointPayload:
     best: dict | None  # the weights of the best epoch so far (None before the first epoch ends)
     progress: dict  # epochs done, history, best epoch, steps; inside an epoch "in_epoch" (an EpochSoFar)
     rng: list[dict]  # per rank: torch's random generator(s) and the augmenter's
+    ema: dict | None = None  # optim.ema_decay: the moving average of the weights (None when off)
 
     def save(self, directory: str) -> None:
         for attribute, name in CKPT_TENSORS.items():
-            torch.save(getattr(self, attribute), os.path.join(directory, name))
+            if getattr(self, attribute) is not None or attribute not in CKPT_OPTIONAL:
+                torch.save(getattr(self, attribute), os.path.join(directory, name))
         Path(directory, CKPT_PROGRESS).write_text(json.dumps(self.progress))
 
     @classmethod
@@ -277,10 +281,10 @@ class CheckpointPayload:
             return torch.load(os.path.join(directory, CKPT_TENSORS[attribute]), weights_only=True)
 
         # A run checkpointed by a raypipe that saved neither the scaler nor the generators goes on without.
-        optional = {a: load(a) for a in ("scaler", "rng") if os.path.exists(os.path.join(directory, CKPT_TENSORS[a]))}
+        optional = {a: load(a) for a in CKPT_OPTIONAL if os.path.exists(os.path.join(directory, CKPT_TENSORS[a]))}
         return cls(model=load("model"), optimizer=load("optimizer"), scaler=optional.get("scaler", {}),
                    best=load("best"), progress=json.loads(Path(directory, CKPT_PROGRESS).read_text()),
-                   rng=optional.get("rng", []))
+                   rng=optional.get("rng", []), ema=optional.get("ema"))
 
 
 def _gather(value, world: int) -> list:
@@ -322,6 +326,7 @@ class WorkerState:
     progress: dict
     best_state: dict | None
     augmenter: torch.Generator | None  # optim.augment: the random flips and shifts, one stream per worker
+    ema: dict[str, torch.Tensor] | None = None  # optim.ema_decay: the moving average of raw_model's state
     scaler: torch.amp.GradScaler = field(init=False)  # fp16 loss scaling (off unless AMP runs in fp16)
 
     def __post_init__(self):
@@ -423,8 +428,12 @@ def build_worker(loop: LoopConfig) -> WorkerState:
     progress["worker_nodes"] = _gather(ray.get_runtime_context().get_node_id(), world)
     progress["attempts"] = progress.get("attempts", 0) + 1
     augmenter = torch.Generator().manual_seed(loop.optim.seed * 1000 + rank) if loop.optim.augment else None
+    ema = None
+    if loop.optim.ema_decay is not None:
+        ema = saved.ema if saved is not None and saved.ema is not None else _weights(raw_model)
+        ema = {k: v.to(device) for k, v in ema.items()}
     state = WorkerState(loop, rank, world, device, raw_model, model, optimizer, progress,
-                        saved.best if saved else None, augmenter)
+                        saved.best if saved else None, augmenter, ema)
     if saved is not None:
         optimizer.load_state_dict(saved.optimizer)
         if saved.scaler:  # empty when it was saved by a scaler that was off
@@ -539,6 +548,8 @@ def train_epoch(state: WorkerState, shard, before: EpochSoFar, loss_fn) -> Epoch
         sums += torch.tensor([loss.item() * len(labels), len(labels)], dtype=torch.float64, device=state.device)
         steps += 1
         state.progress["steps"] += 1
+        if state.ema is not None:
+            update_ema(state.ema, state.raw_model, optim.ema_decay, state.progress["steps"])
         now = time.perf_counter()
         if step_checkpoint_due(state.progress["steps"], state.loop.checkpoint_every_steps):
             save_step_checkpoint(state, _epoch_so_far(state, before, sums, steps, now - started))
@@ -670,6 +681,35 @@ def record(state: WorkerState, metrics: dict) -> tuple[bool, bool]:
     return improved, patience is not None and progress["stale_epochs"] >= patience
 
 
+def update_ema(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float, step: int) -> None:
+    """Moves the average ``ema`` (a state dict) towards ``model``'s weights after optimizer step ``step``
+    (from 1), in place. The decay is warmed up, min(decay, (1 + step) / (10 + step)), so that the first
+    steps do not leave the average near the initial weights; integer buffers (BatchNorm's batch count)
+    are copied."""
+    weight = 1 - min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            if value.is_floating_point():
+                ema[key].lerp_(value, weight)
+            else:
+                ema[key].copy_(value)
+
+
+@contextlib.contextmanager
+def evaluated_weights(state: WorkerState):
+    """Inside, ``raw_model`` holds the weights a bundle would get: the moving average with optim.ema_decay,
+    else the weights as trained; the trained ones are back afterwards, to train on."""
+    if state.ema is None:
+        yield
+        return
+    trained = _weights(state.raw_model)
+    state.raw_model.load_state_dict(state.ema)
+    try:
+        yield
+    finally:
+        state.raw_model.load_state_dict(trained)
+
+
 def _weights(model: FusionClassifier, prefixes: tuple[str, ...] = ("",)) -> dict[str, torch.Tensor]:
     """A CPU copy of the model's state dict, or of its keys that start with one of ``prefixes``."""
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k.startswith(prefixes)}
@@ -706,8 +746,9 @@ def _report_checkpoint(state: WorkerState, metrics: dict, progress: dict, name: 
         ray.train.report(metrics, checkpoint_dir_name=name)
         return
     with tempfile.TemporaryDirectory() as directory:
+        ema = {k: v.cpu() for k, v in state.ema.items()} if state.ema is not None else None
         CheckpointPayload(state.raw_model.state_dict(), state.optimizer.state_dict(), state.scaler.state_dict(),
-                          state.best_state, progress, rng).save(directory)
+                          state.best_state, progress, rng, ema).save(directory)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
 
 
@@ -754,9 +795,10 @@ def train_loop_per_worker(config: dict) -> None:
         started = time.perf_counter()
         before = EpochSoFar.resumed(state.progress.pop("in_epoch", None), epoch)
         trained = train_epoch(state, train_shard, before, loss_fn)
-        validated = validation_metrics(*validate(state, val_shard))
-        metrics = epoch_metrics(trained, validated, before.seconds + time.perf_counter() - started)
-        improved, stop = record(state, metrics)
+        with evaluated_weights(state):
+            validated = validation_metrics(*validate(state, val_shard))
+            metrics = epoch_metrics(trained, validated, before.seconds + time.perf_counter() - started)
+            improved, stop = record(state, metrics)
         report(state, metrics, improved, stop, tensorboard)
         if stop:
             break

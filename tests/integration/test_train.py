@@ -141,3 +141,19 @@ def test_mlflow_gets_the_config_every_epoch_and_the_bundle(prepared, tmp_path, m
         [h["val_accuracy"] for h in result["history"]])
     artifacts = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "bundle")}
     assert artifacts == {p.name for p in (tmp_path / "runs" / "tracked" / "bundle").iterdir()}
+
+
+def test_with_a_moving_average_of_the_weights_the_bundle_holds_the_average_of_the_best_epoch(prepared, tmp_path):
+    """optim.ema_decay: validated and bundled is the average (checkpointed beside the weights as trained,
+    which training resumes from), not the weights of the last step."""
+    result = run_train(load_config(TrainConfig, None, [
+        f"prepared={prepared}", f"run.storage_path={tmp_path}", "run.name=ema", "optim.epochs=2", "optim.ema_decay=0.9",
+        "model.mode=text", "model.embed_dim=8", "model.lstm_hidden=8", "model.fc_dims=[16]",
+    ]))
+    best = result["best_epoch"]
+    [checkpoint] = (tmp_path / "ema").glob(f"checkpoint_epoch{best:04d}_step*_end")
+    average, trained = (torch.load(checkpoint / name, weights_only=True) for name in ("ema_model.pt", "model.pt"))
+    bundled = load_bundle(result["bundle"], StorageConfig()).state_dict
+    assert bundled.keys() == average.keys()
+    assert all(torch.equal(bundled[k], average[k]) for k in bundled)
+    assert not all(torch.equal(average[k], trained[k]) for k in average if average[k].is_floating_point())

@@ -13,10 +13,12 @@ from raypipe.model import BRANCH_KEYS, FusionClassifier, ModelConfig
 from raypipe.pipeline.train import (
     LoopConfig,
     WorkerState,
+    evaluated_weights,
     loss_weights,
     new_progress,
     record,
     train_step,
+    update_ema,
 )
 
 SMALL = dict(num_classes=4, vocab_size=30, image_size=16, conv_channels=(4,), embed_dim=8, lstm_hidden=8,
@@ -133,3 +135,41 @@ def test_jointly_trained_branches_keep_the_best_epoch_of_the_fused_model():
     assert epoch(state, 3, image=0.9, text=0.9, fused=0.6) == (False, False)
     assert epoch(state, 4, image=0.9, text=0.9, fused=0.6) == (False, True)
     assert state.progress["best_epoch"] == 2 and all(torch.all(v == 2) for v in state.best_state.values())
+
+
+def test_the_moving_average_warms_up_then_follows_the_weights_at_the_decay():
+    config = ModelConfig(**SMALL, fusion_head="sum", batch_norm=True)
+    model = FusionClassifier(config)
+    ema = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)
+    update_ema(ema, model, decay=0.99, step=1)  # warm-up: decay (1 + 1) / (10 + 1), so 9/11 of the way
+    weights = next(k for k, v in model.named_parameters())
+    assert torch.allclose(ema[weights], torch.full_like(ema[weights], 9 / 11))
+    counts = [k for k, v in model.state_dict().items() if not v.is_floating_point()]
+    assert counts and all(torch.equal(ema[k], model.state_dict()[k]) for k in counts)  # BatchNorm's batch count
+    for step in range(2, 2000):
+        update_ema(ema, model, decay=0.99, step=step)
+    assert torch.allclose(ema[weights], torch.ones_like(ema[weights]))
+    before = ema[weights].clone()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(2.0)
+    update_ema(ema, model, decay=0.99, step=10_000)  # past the warm-up: 1% of the way
+    assert torch.allclose(ema[weights], before + 0.01)
+
+
+def test_with_a_moving_average_the_average_is_validated_and_kept_and_training_goes_on_from_the_trained_weights():
+    state = worker("joint", patience=2)
+    with torch.no_grad():
+        for p in state.raw_model.parameters():
+            p.fill_(1.0)  # the weights as trained
+    state.ema = {k: torch.full_like(v, 7.0) if v.is_floating_point() else v.clone()
+                 for k, v in state.raw_model.state_dict().items()}
+    with evaluated_weights(state):
+        assert all(torch.all(p == 7) for p in state.raw_model.parameters())  # what validation sees
+        record(state, {"epoch": 1, "val_accuracy": 0.9, "val_accuracy_image": 0, "val_accuracy_text": 0,
+                       "val_nll_calibrated_image": 1, "val_nll_calibrated_text": 1, "val_nll_calibrated": 1})
+    assert all(torch.all(v == 7) for v in state.best_state.values() if v.is_floating_point())  # kept: the average
+    assert all(torch.all(p == 1) for p in state.raw_model.parameters())  # trained on from: the trained weights

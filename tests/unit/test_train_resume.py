@@ -14,6 +14,7 @@ from raypipe.io.fs import resolve
 from raypipe.model import FusionClassifier, ModelConfig
 from raypipe.pipeline.train import (
     CHECKPOINT_SNAPSHOT,
+    CKPT_EMA,
     CKPT_RNG,
     CKPT_SCALER,
     RUN_SETTINGS,
@@ -73,7 +74,7 @@ def test_an_epoch_goes_on_from_a_checkpoint_taken_inside_it_only():
     assert resume_message({"epoch": 2}) == "resuming from the checkpoint after epoch 2"
 
 
-def test_a_checkpoint_round_trip_restores_model_optimizer_scaler_progress_and_generators(tmp_path):
+def test_a_checkpoint_round_trip_restores_model_optimizer_scaler_progress_generators_and_average(tmp_path):
     torch.manual_seed(0)
     config = ModelConfig(num_classes=3, vocab_size=20, image_size=16, conv_channels=(4,), embed_dim=4,
                          lstm_hidden=4, fc_dims=(8,))
@@ -88,11 +89,13 @@ def test_a_checkpoint_round_trip_restores_model_optimizer_scaler_progress_and_ge
     progress = {**new_progress(), "steps": 1, "in_epoch": {"epoch": 0, "steps": 1, "rows": 4, "loss_sum": 4.4,
                                                            "seconds": 0.1}}
     rng = [{"torch": torch.get_rng_state(), "cuda": None, "augmenter": augmenter.get_state()}]
-    CheckpointPayload(model.state_dict(), optimizer.state_dict(), scaler.state_dict(), None, progress, rng).save(
-        str(tmp_path))
+    average = {k: v * 0.5 if v.is_floating_point() else v for k, v in model.state_dict().items()}  # optim.ema_decay
+    CheckpointPayload(model.state_dict(), optimizer.state_dict(), scaler.state_dict(), None, progress, rng,
+                      average).save(str(tmp_path))
 
     loaded = CheckpointPayload.load(str(tmp_path))
     assert loaded.progress == progress and loaded.best is None
+    assert all(torch.equal(loaded.ema[k], v) for k, v in average.items())
     assert all(torch.equal(loaded.model[k], v) for k, v in model.state_dict().items())
     assert loaded.scaler == scaler.state_dict() and loaded.scaler["scale"] > 0
     assert loaded.optimizer["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
@@ -103,8 +106,9 @@ def test_a_checkpoint_round_trip_restores_model_optimizer_scaler_progress_and_ge
     # A checkpoint without the scaler and generator files goes on without them.
     (tmp_path / CKPT_SCALER).unlink()
     (tmp_path / CKPT_RNG).unlink()
+    (tmp_path / CKPT_EMA).unlink()
     older = CheckpointPayload.load(str(tmp_path))
-    assert older.scaler == {} and older.rng == []
+    assert older.scaler == {} and older.rng == [] and older.ema is None
 
 
 def train_config(tmp_path, *overrides: str) -> TrainConfig:
