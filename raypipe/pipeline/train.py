@@ -687,27 +687,31 @@ def update_ema(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: floa
     steps do not leave the average near the initial weights; integer buffers (BatchNorm's batch count)
     are copied."""
     weight = 1 - min(decay, (1 + step) / (10 + step))
+    current = model.state_dict()
+    floats = [key for key, value in current.items() if value.is_floating_point()]
     with torch.no_grad():
-        for key, value in model.state_dict().items():
-            if value.is_floating_point():
-                ema[key].lerp_(value, weight)
-            else:
+        # One fused call per step instead of one per tensor: this runs after every optimizer step.
+        torch._foreach_lerp_([ema[k] for k in floats], [current[k] for k in floats], weight)
+        for key, value in current.items():
+            if not value.is_floating_point():
                 ema[key].copy_(value)
 
 
 @contextlib.contextmanager
-def evaluated_weights(state: WorkerState):
-    """Inside, ``raw_model`` holds the weights a bundle would get: the moving average with optim.ema_decay,
-    else the weights as trained; the trained ones are back afterwards, to train on."""
-    if state.ema is None:
-        yield
-        return
-    trained = _weights(state.raw_model)
-    state.raw_model.load_state_dict(state.ema)
+def _holding(model: FusionClassifier, weights: dict[str, torch.Tensor]):
+    """Inside, ``model`` holds ``weights``; its own are back afterwards."""
+    own = _weights(model)
+    model.load_state_dict(weights)
     try:
         yield
     finally:
-        state.raw_model.load_state_dict(trained)
+        model.load_state_dict(own)
+
+
+def evaluated_weights(state: WorkerState):
+    """Inside, ``raw_model`` holds the weights a bundle would get: the moving average with optim.ema_decay,
+    else the weights as trained; the trained ones are back afterwards, to train on."""
+    return contextlib.nullcontext() if state.ema is None else _holding(state.raw_model, state.ema)
 
 
 def _weights(model: FusionClassifier, prefixes: tuple[str, ...] = ("",)) -> dict[str, torch.Tensor]:
@@ -718,14 +722,12 @@ def _weights(model: FusionClassifier, prefixes: tuple[str, ...] = ("",)) -> dict
 def assemble_best_branches(state: WorkerState, val_shard) -> None:
     """Branches trained separately: the model of each branch's best epoch, its image share and temperature
     fitted on validation (``validate``), recorded as the progress' "assembled" and checkpointed."""
-    last = _weights(state.raw_model)  # the checkpoint keeps the last epoch's weights to train on from
-    state.raw_model.load_state_dict(state.best_state)
     progress = state.progress
-    progress["assembled"] = {
-        "branch_epochs": {branch: best["epoch"] for branch, best in progress["best_branches"].items()},
-        **validation_metrics(*validate(state, val_shard)),
-    }
-    state.raw_model.load_state_dict(last)
+    with _holding(state.raw_model, state.best_state):  # the checkpoint keeps the last epoch's weights to train on
+        progress["assembled"] = {
+            "branch_epochs": {branch: best["epoch"] for branch, best in progress["best_branches"].items()},
+            **validation_metrics(*validate(state, val_shard)),
+        }
     chosen = progress["assembled"]
     progress["best_epoch"] = max(chosen["branch_epochs"].values())
     if state.rank == 0:
